@@ -1,0 +1,61 @@
+"""The seam between the daemon and a device backend (vfio, sim).
+
+A backend hands eoid one level-triggered INTx line with the kernel's VFIO
+semantics: once enabled with a trigger eventfd, every assertion signals the
+trigger and *auto-masks* the line; ``unmask()`` re-enables it, and if the line
+is still asserted at that moment the trigger is signalled again at once.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+class DeviceEvent(enum.Enum):
+    """Out-of-band news from a backend, read from one of its ``event_fds``."""
+
+    REQUEST = "request"  # the host wants the device back (unbind, hot-unplug): release it
+    ERROR = "error"  # the device reported an error (PCIe AER): stop unmasking it
+    GONE = "gone"  # the backend vanished (sim process died, device fd dead)
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """What a device reports about itself; exported as ``eoid_device_info`` labels."""
+
+    backend: str
+    pci_address: str
+    detail: dict[str, str] = field(default_factory=dict)
+
+
+class IntxDevice(Protocol):
+    """One opened INTx line. Every method may raise ``DeviceError``."""
+
+    @property
+    def info(self) -> DeviceInfo: ...
+
+    def enable(self, trigger_fd: int) -> None:
+        """Register ``trigger_fd`` as the INTx trigger; the line starts unmasked."""
+
+    def unmask(self) -> None:
+        """Re-enable the line after an EOI (the hot path: one syscall)."""
+
+    def mask(self) -> None:
+        """Mask the line (used around reconfiguration)."""
+
+    def disable(self) -> None:
+        """Unregister the trigger; the line no longer signals anyone."""
+
+    def close(self) -> None:
+        """Release every resource of the device. Idempotent."""
+
+    def event_fds(self) -> list[int]:
+        """File descriptors to watch for out-of-band device events."""
+
+    def read_event(self, fd: int) -> DeviceEvent | None:
+        """Consume readiness on one of ``event_fds``; None if it was nothing."""
+
+    def held_fds(self) -> dict[str, int]:
+        """Named fds that keep the device open (for systemd's fd store)."""
