@@ -1,0 +1,275 @@
+"""Run the C baseline relay under the C pump: the floor eoid's CPU cost is compared to.
+
+``baseline`` is a single-threaded epoll program doing exactly eoid's syscalls per
+interrupt (read trigger, write irq; read eoi, write unmask), so its CPU time per
+interrupt is what any userspace relay on the same eventfd contract costs at
+best. ``pump`` plays the kernel, the guest and the simulated device on the other
+side of the same eventfds, and measures the fire -> unmask round trip.
+
+``launch_pump`` is the reusable half: hand it the four fds of each device, from
+wherever they came (here eventfds made on the spot; for eoid, the trigger and
+unmask fds its sim backend sends and the irq and eoi fds of the attach reply).
+
+    python -m bench.run_baseline --devices 64 --mode closed --duration 3
+    python -m bench.run_baseline --devices 1024 --mode paced --rate 50000 --repeat 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import select
+import statistics
+import subprocess
+import sys
+from collections.abc import Iterable, Sequence
+from typing import Any, NamedTuple
+
+from bench._cbuild import build
+
+MODES = ("closed", "paced")
+# Longer fd lists go through a memfd: one argv string may not exceed 128 KiB,
+# which 4096 devices' worth of five-digit fd numbers comes close to.
+_INLINE_SPEC_MAX = 32 * 1024
+_READY_TIMEOUT = 30.0
+_EXIT_TIMEOUT = 30.0
+
+
+class FdQuad(NamedTuple):
+    """One device's eventfds, named for the daemon's side of each."""
+
+    trigger: int
+    irq: int
+    eoi: int
+    unmask: int
+
+
+def fd_spec(quads: Iterable[Sequence[int]]) -> str:
+    """The ``trigger,irq,eoi,unmask;...`` list both C programs read."""
+    return ";".join(",".join(str(fd) for fd in quad) for quad in quads)
+
+
+def ensure_nofile(needed: int) -> None:
+    """Raise the soft RLIMIT_NOFILE to ``needed`` (children inherit it)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        if hard != resource.RLIM_INFINITY and hard < needed:
+            raise OSError(f"need {needed} open files but RLIMIT_NOFILE's hard limit is {hard}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+
+
+def _spawn(
+    prog: str,
+    args: list[str],
+    quads: Sequence[Sequence[int]],
+    *,
+    extra_fds: Sequence[int] = (),
+    stdin: int | None = None,
+) -> subprocess.Popen[str]:
+    spec = fd_spec(quads)
+    pass_fds = [fd for quad in quads for fd in quad] + list(extra_fds)
+    memfd = -1
+    if len(spec) <= _INLINE_SPEC_MAX:
+        fd_args = ["--fds", spec]
+    else:
+        memfd = os.memfd_create("eoid-bench-fds", os.MFD_CLOEXEC)
+        data = spec.encode()
+        while data:
+            data = data[os.write(memfd, data) :]
+        fd_args = ["--fds-from", str(memfd)]
+        pass_fds.append(memfd)
+    try:
+        return subprocess.Popen(
+            [str(build(prog)), *fd_args, *args],
+            pass_fds=pass_fds,
+            stdin=stdin,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+    finally:
+        if memfd >= 0:
+            os.close(memfd)
+
+
+def _check_mode(mode: str, rate: int | None) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+    if (mode == "paced") != (rate is not None):
+        raise ValueError("rate is required with mode 'paced' and only allowed with it")
+
+
+def launch_pump(
+    fd_quads: Sequence[Sequence[int]],
+    mode: str,
+    duration: float,
+    rate: int | None,
+    *,
+    drain: float = 1.0,
+) -> subprocess.Popen[str]:
+    """Start the load generator on the given devices' fds; its stdout is a pipe.
+
+    Each quad is (trigger, irq, eoi, unmask) as the relay sees them (see
+    ``FdQuad``); the pump writes trigger and eoi and reads irq and unmask. It
+    prints one JSON line when done (``parse_output``) and exits 1 if any
+    interrupt was lost.
+    """
+    _check_mode(mode, rate)
+    args = ["--mode", mode, "--duration", str(duration), "--drain", str(drain)]
+    if rate is not None:
+        args += ["--rate", str(rate)]
+    return _spawn("pump", args, fd_quads)
+
+
+def parse_output(name: str, proc: subprocess.Popen[str], out: str) -> dict[str, Any]:
+    """The JSON line a finished C program printed last."""
+    lines = out.strip().splitlines()
+    if not lines:
+        raise RuntimeError(f"{name} printed nothing (exit status {proc.returncode})")
+    result: dict[str, Any] = json.loads(lines[-1])
+    return result
+
+
+def process_cpu_us(pid: int) -> float:
+    """CPU (user + system, all threads) used by process ``pid``, in microseconds.
+
+    For a daemon that is not our child (eoid): sample before and after a run.
+    /proc's resolution is one clock tick (10 ms), fine over a run of seconds.
+    """
+    with open(f"/proc/{pid}/stat") as f:
+        # comm, field 2, may hold spaces and ')': split after its last ')'.
+        fields = f.read().rpartition(")")[2].split()
+    utime, stime = int(fields[11]), int(fields[12])
+    return (utime + stime) * 1e6 / os.sysconf("SC_CLK_TCK")
+
+
+def _wait_ready(fd: int, proc: subprocess.Popen[str], timeout: float) -> None:
+    # poll, not select: with thousands of devices this fd is above FD_SETSIZE.
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    if not poller.poll(timeout * 1000):
+        raise TimeoutError(f"baseline not ready after {timeout} s")
+    if not os.read(fd, 1):
+        raise RuntimeError(f"baseline exited before it was ready (status {proc.wait()})")
+
+
+def run_baseline(
+    devices: int, mode: str, duration: float, rate: int | None = None, *, drain: float = 1.0
+) -> dict[str, Any]:
+    """Relay ``devices`` devices' interrupts with the C baseline under the pump's load.
+
+    Returns both programs' JSON (``baseline``, ``pump``), ``ok`` (both exited
+    0: nothing lost), ``interrupts`` and ``cpu_us_per_interrupt``: the
+    baseline's CPU time in its loop divided by the interrupts it forwarded.
+    """
+    if devices < 1:
+        raise ValueError("devices must be at least 1")
+    _check_mode(mode, rate)
+    # Each process holds all 4 fds of every device, plus a few of its own.
+    ensure_nofile(4 * devices + 64)
+    fds: list[int] = []
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        for _ in range(4 * devices):
+            fds.append(os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC))
+        quads = [FdQuad(*fds[i : i + 4]) for i in range(0, len(fds), 4)]
+
+        # Start the load only once the baseline has registered every fd, so
+        # no latency sample includes its start-up.
+        ready_r, ready_w = os.pipe()
+        try:
+            baseline = _spawn(
+                "baseline",
+                ["--ready-fd", str(ready_w)],
+                quads,
+                extra_fds=[ready_w],
+                stdin=subprocess.PIPE,
+            )
+            procs.append(baseline)
+            os.close(ready_w)
+            ready_w = -1
+            _wait_ready(ready_r, baseline, _READY_TIMEOUT)
+        finally:
+            os.close(ready_r)
+            if ready_w >= 0:
+                os.close(ready_w)
+
+        pump = launch_pump(quads, mode, duration, rate, drain=drain)
+        procs.append(pump)
+        pump_out, _ = pump.communicate(timeout=duration + drain + _EXIT_TIMEOUT)
+        # Closing its stdin (communicate does) is the baseline's stop signal.
+        base_out, _ = baseline.communicate(timeout=_EXIT_TIMEOUT)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        for fd in fds:
+            os.close(fd)
+
+    base = parse_output("baseline", baseline, base_out)
+    load = parse_output("pump", pump, pump_out)
+    interrupts: int = base["trigger_reads"]
+    return {
+        "devices": devices,
+        "mode": mode,
+        "rate": rate,
+        "duration": duration,
+        "ok": baseline.returncode == 0 and pump.returncode == 0,
+        "interrupts": interrupts,
+        "cpu_us_per_interrupt": base["cpu_us"] / interrupts if interrupts else None,
+        "baseline": base,
+        "pump": load,
+    }
+
+
+def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    def median(values: Iterable[float | None]) -> float | None:
+        present = [v for v in values if v is not None]
+        return statistics.median(present) if present else None
+
+    return {
+        "summary": {
+            "runs": len(runs),
+            "devices": runs[0]["devices"],
+            "mode": runs[0]["mode"],
+            "rate": runs[0]["rate"],
+            "cpu_us_per_interrupt_median": median(r["cpu_us_per_interrupt"] for r in runs),
+            "interrupts_per_s_median": median(r["pump"]["rate_achieved"] for r in runs),
+            "skipped_median": median(r["pump"]["skipped"] for r in runs),
+            "p50_us_median": median(r["pump"]["p50_us"] for r in runs),
+            "p99_us_median": median(r["pump"]["p99_us"] for r in runs),
+            "p999_us_median": median(r["pump"]["p999_us"] for r in runs),
+            "ok": all(r["ok"] for r in runs),
+        }
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.run_baseline",
+        description="CPU cost per interrupt of the C baseline relay under the C pump.",
+    )
+    parser.add_argument("--devices", type=int, default=64)
+    parser.add_argument("--mode", choices=MODES, default="closed")
+    parser.add_argument("--duration", type=float, default=3.0, help="seconds of load")
+    parser.add_argument("--rate", type=int, help="total interrupts/s (paced mode)")
+    parser.add_argument("--drain", type=float, default=1.0, help="seconds to wait for in-flight")
+    parser.add_argument("--repeat", type=int, default=1, help="runs; >1 adds a median summary")
+    args = parser.parse_args(argv)
+    if (args.mode == "paced") != (args.rate is not None):
+        parser.error("--rate is required with --mode paced and only allowed with it")
+
+    runs = []
+    for _ in range(args.repeat):
+        result = run_baseline(args.devices, args.mode, args.duration, args.rate, drain=args.drain)
+        print(json.dumps(result), flush=True)
+        runs.append(result)
+    if args.repeat > 1:
+        print(json.dumps(_summary(runs)), flush=True)
+    return 0 if all(r["ok"] for r in runs) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
