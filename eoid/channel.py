@@ -1,0 +1,196 @@
+"""The INTx channel: one device's interrupt state machine, with no I/O.
+
+The kernel's vfio-pci masks a level-triggered INTx line each time it fires and signals
+the trigger eventfd once per assertion episode; the line stays masked until someone
+unmasks it. eoid sits in the middle: it forwards each interrupt to the consumer (the
+guest), waits for the guest's EOI, then unmasks. This module decides *what* to do for
+each event; the loop shell (``eoid.runner``) does it.
+
+Events are method calls with an injected ``now`` (monotonic nanoseconds); each returns
+a bit set of actions. Allocation-free on the common path, because it runs per interrupt.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from eoid.config import EoiTimeoutPolicy, Policy
+from eoid.stats import DeviceStats
+
+
+class State(enum.IntEnum):
+    DOWN = 0  # not enabled: no trigger registered
+    ARMED = 1  # line unmasked, waiting for the device
+    PENDING = 2  # fired and forwarded; line masked until the consumer's EOI
+    HELD = 3  # fired with no consumer attached; line stays masked until one attaches
+    THROTTLED = 4  # EOI seen during a storm; the unmask is deferred by the backoff
+
+
+# Actions, combined as bits.
+FORWARD = 1  # signal the consumer's irq eventfd
+UNMASK = 2  # re-enable the line
+TIMER = 4  # ``timer_at`` changed: make sure ``timer()`` is called at (or after) it
+STORM_BEGIN = 8  # a storm episode started: log it (once per episode)
+STORM_END = 16  # the storm episode ended
+EOI_TIMEOUT = 32  # an EOI deadline passed: log it
+
+
+class Channel:
+    """State of one INTx line as eoid sees it; see the module docstring."""
+
+    __slots__ = ("_backoff", "_episode", "_last_throttle", "_refilled", "_tokens", "attached",
+                 "pending_since", "policy", "state", "stats", "stuck", "timer_at")
+
+    def __init__(self, policy: Policy, stats: DeviceStats | None = None) -> None:
+        self.policy = policy
+        self.stats = stats if stats is not None else DeviceStats()
+        self.state = State.DOWN
+        self.attached = False
+        self.timer_at: int | None = None
+        self.pending_since = 0  # when the interrupt now pending (or held) was delivered
+        self.stuck = False  # an EOI deadline passed and the policy kept waiting
+        self._tokens = float(policy.storm.burst)
+        self._refilled = 0
+        self._backoff = policy.storm.backoff_initial
+        self._episode = False
+        self._last_throttle = 0
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    def enable(self, now: int) -> int:
+        """The trigger is registered and the line unmasked."""
+        self.state = State.ARMED
+        self._refilled = now
+        self.timer_at = None
+        self.stuck = False
+        return TIMER
+
+    def disable(self) -> int:
+        self.state = State.DOWN
+        self.timer_at = None
+        self.stuck = False
+        return TIMER
+
+    def set_policy(self, policy: Policy) -> None:
+        """Apply a reloaded policy in place; the line is not touched."""
+        if policy.storm != self.policy.storm:
+            self._backoff = policy.storm.backoff_initial
+            self._tokens = min(self._tokens, float(policy.storm.burst))
+        self.policy = policy
+
+    # --- the hot path --------------------------------------------------------------------
+
+    def trigger(self, count: int, now: int) -> int:
+        """The kernel signalled the trigger eventfd ``count`` times since the last read."""
+        stats = self.stats
+        stats.interrupts += count
+        if count > 1:
+            stats.coalesced_interrupts += count - 1
+        state = self.state
+        if state == State.DOWN or state == State.HELD:
+            return 0  # DOWN: a stale signal; HELD: already waiting for a consumer
+        self.pending_since = now
+        self.stuck = False
+        if not self.attached:
+            self.state = State.HELD
+            self.timer_at = None
+            return TIMER
+        self.state = State.PENDING
+        self.timer_at = now + self.policy.eoi_timeout
+        return FORWARD | TIMER
+
+    def eoi(self, count: int, now: int) -> int:
+        """The consumer (or KVM's resampler) signalled the EOI eventfd ``count`` times."""
+        stats = self.stats
+        stats.eois += count
+        if self.state != State.PENDING:
+            stats.spurious_eois += count
+            if self.state == State.ARMED and self.policy.unmask_on_spurious:
+                return UNMASK
+            return 0
+        stats.service.observe(now - self.pending_since)
+        self.stuck = False
+        if self._take_token(now):
+            self.state = State.ARMED
+            self.timer_at = None
+            if self._episode and now - self._last_throttle >= self.policy.storm.recovery:
+                self._episode = False
+                self._backoff = self.policy.storm.backoff_initial
+                return UNMASK | TIMER | STORM_END
+            return UNMASK | TIMER
+        return self._throttle(now)
+
+    # --- timers and consumers ------------------------------------------------------------
+
+    def timer(self, now: int) -> int:
+        """Called at or after ``timer_at``: an EOI deadline or the end of a throttle."""
+        if self.timer_at is None or now < self.timer_at:
+            return TIMER  # re-scheduled since: just wait for the new time
+        self.timer_at = None
+        if self.state == State.THROTTLED:
+            self.state = State.ARMED
+            return UNMASK | TIMER
+        if self.state != State.PENDING:
+            return TIMER
+        self.stats.eoi_timeouts += 1
+        action = self.policy.on_eoi_timeout
+        if action == EoiTimeoutPolicy.UNMASK:
+            self.state = State.ARMED
+            return UNMASK | EOI_TIMEOUT | TIMER
+        if action == EoiTimeoutPolicy.REDELIVER:
+            self.timer_at = now + self.policy.eoi_timeout
+            return FORWARD | EOI_TIMEOUT | TIMER
+        self.stuck = True
+        return EOI_TIMEOUT | TIMER
+
+    def attach(self, now: int) -> int:
+        """A consumer attached; a held interrupt is delivered to it now."""
+        self.attached = True
+        if self.state != State.HELD:
+            return 0
+        self.state = State.PENDING
+        self.pending_since = now
+        self.timer_at = now + self.policy.eoi_timeout
+        return FORWARD | TIMER
+
+    def detach(self) -> int:
+        """The consumer left; an interrupt it had not ended is held for the next one."""
+        self.attached = False
+        if self.state != State.PENDING:
+            return 0
+        self.state = State.HELD
+        self.timer_at = None
+        self.stuck = False
+        return TIMER
+
+    # --- storm protection ----------------------------------------------------------------
+
+    def _take_token(self, now: int) -> bool:
+        storm = self.policy.storm
+        tokens = self._tokens + (now - self._refilled) * storm.max_rate * 1e-9
+        self._refilled = now
+        if tokens > storm.burst:
+            tokens = float(storm.burst)
+        if tokens >= 1.0:
+            self._tokens = tokens - 1.0
+            return True
+        self._tokens = tokens
+        return False
+
+    def _throttle(self, now: int) -> int:
+        storm = self.policy.storm
+        self.stats.storm_throttles += 1
+        actions = TIMER
+        if not self._episode:
+            self._episode = True
+            self._backoff = storm.backoff_initial
+            actions |= STORM_BEGIN
+        self.state = State.THROTTLED
+        self.timer_at = now + self._backoff
+        self._backoff = min(self._backoff * 2, storm.backoff_max)
+        self._last_throttle = now
+        return actions
+
+    @property
+    def in_storm(self) -> bool:
+        return self._episode

@@ -1,0 +1,309 @@
+"""The loop shell for one device: eventfds, the backend and a consumer around a ``Channel``.
+
+Three eventfds per device, owned here and stable for the device's life (across consumer
+reconnects, reloads and, through systemd's fd store, restarts): ``trigger`` (registered
+with the backend), ``irq`` (the consumer's interrupt) and ``eoi`` (the consumer's end of
+interrupt). Callbacks are bound once per device; the hot path reads a counter, asks the
+channel, performs one syscall and records a latency in plain arrays.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+
+from eoid.channel import EOI_TIMEOUT, FORWARD, STORM_BEGIN, STORM_END, TIMER, UNMASK, Channel, \
+    State
+from eoid.config import DeviceConfig, format_duration
+from eoid.control import Peer
+from eoid.device import DeviceEvent, IntxDevice
+from eoid.errors import DeviceError, ProtocolError
+from eoid.stats import DeviceStats
+
+EFD_FLAGS = os.EFD_NONBLOCK | os.EFD_CLOEXEC
+TIMER_SLACK = 0.001  # uvloop timers have millisecond resolution: never wake up early
+
+
+def drain(fd: int) -> int:
+    try:
+        return os.eventfd_read(fd)
+    except BlockingIOError:
+        return 0
+
+
+class DeviceRunner:
+    """Runs one device's INTx loop on the event loop; see the module docstring."""
+
+    def __init__(self, config: DeviceConfig, loop: asyncio.AbstractEventLoop,
+                 on_down: Callable[[DeviceRunner, str], None],
+                 eventfds: dict[str, int] | None = None, stats: DeviceStats | None = None) -> None:
+        self.config = config
+        self.name = config.name
+        self.loop = loop
+        self.on_down = on_down
+        fds = eventfds or {k: os.eventfd(0, EFD_FLAGS) for k in ("trigger", "irq", "eoi")}
+        self.trigger_fd, self.irq_fd, self.eoi_fd = fds["trigger"], fds["irq"], fds["eoi"]
+        self.channel = Channel(config.policy, stats)
+        self.stats = self.channel.stats
+        self.device: IntxDevice | None = None
+        self.consumer: Peer | None = None
+        self.down_reason: str | None = "not opened yet"
+        self.faulted = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0
+        self._log = structlog.get_logger("eoid.device").bind(device=self.name)
+
+    @property
+    def up(self) -> bool:
+        return self.device is not None
+
+    @property
+    def eventfds(self) -> dict[str, int]:
+        return {"trigger": self.trigger_fd, "irq": self.irq_fd, "eoi": self.eoi_fd}
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    def start(self, device: IntxDevice, adopted: bool = False) -> None:
+        """Arm the line. ``adopted``: the device was enabled by a previous eoid process."""
+        self.device = device
+        self.down_reason = None
+        self.faulted = False
+        self.loop.add_reader(self.trigger_fd, self._on_trigger)
+        self.loop.add_reader(self.eoi_fd, self._on_eoi)
+        for fd in device.event_fds():
+            self.loop.add_reader(fd, self._on_device_event, fd)
+        try:
+            if not adopted:
+                device.enable(self.trigger_fd)
+        except DeviceError as e:
+            self.stats.errors["enable"] += 1
+            self.stop(f"enable failed: {e}")
+            raise
+        self.channel.enable(time.monotonic_ns())
+        if adopted:
+            # While no eoid ran, the line may have fired (count waiting in trigger) and the
+            # consumer may have sent an EOI. Read both, then unmask once: an unmask of an
+            # unmasked line is a no-op, and a still-asserted line fires again (E15).
+            self._on_trigger()
+            self._on_eoi()
+            if self.channel.state == State.ARMED:
+                self._unmask(time.monotonic_ns())
+        if self.consumer is not None:
+            self._act(self.channel.attach(time.monotonic_ns()), time.monotonic_ns())
+        self._log.info("device armed", backend=device.info.backend,
+                       pci_address=device.info.pci_address, adopted=adopted)
+
+    def stop(self, reason: str, release: bool = True) -> None:
+        """Take the device down. ``release=False`` keeps it enabled (handing over to a
+        successor process through the fd store)."""
+        device, self.device = self.device, None
+        self.down_reason = reason
+        self._cancel_timer()
+        for fd in (self.trigger_fd, self.eoi_fd):
+            with contextlib.suppress(ValueError, OSError):
+                self.loop.remove_reader(fd)
+        if device is None:
+            return
+        for fd in device.event_fds():
+            with contextlib.suppress(ValueError, OSError):
+                self.loop.remove_reader(fd)
+        if release:
+            with contextlib.suppress(DeviceError, OSError):
+                device.disable()
+            device.close()
+            self.channel.disable()
+        if self.consumer is not None and release:
+            self.consumer.notify({"event": "device_down", "device": self.name, "reason": reason})
+
+    def close(self) -> None:
+        """Forget the device for good (removed from the config or daemon shutdown)."""
+        if self.device is not None:
+            self.stop("removed")
+        if self.consumer is not None:
+            self.consumer.attached.discard(self.name)
+            self.consumer = None
+        for fd in (self.trigger_fd, self.irq_fd, self.eoi_fd):
+            os.close(fd)
+        self.trigger_fd = self.irq_fd = self.eoi_fd = -1
+
+    def set_config(self, config: DeviceConfig) -> None:
+        """Apply a reloaded policy or consumer list in place, without touching the line."""
+        self.config = config
+        self.channel.set_policy(config.policy)
+        peer = self.consumer
+        if peer is not None and not config.consumers.allows(peer.uid, peer.gids):
+            self.detach(peer)
+            peer.notify({"event": "detached", "device": self.name,
+                         "reason": "no longer allowed by the configuration"})
+
+    # --- the hot path --------------------------------------------------------------------
+
+    def _on_trigger(self) -> None:
+        try:
+            count = os.eventfd_read(self.trigger_fd)
+        except BlockingIOError:
+            return  # a spurious wake-up: the count was already consumed
+        now = time.monotonic_ns()
+        actions = self.channel.trigger(count, now)
+        if actions & FORWARD:
+            self._forward(now)
+        if actions & TIMER:
+            self._schedule()
+
+    def _forward(self, since: int) -> None:
+        try:
+            os.eventfd_write(self.irq_fd, 1)
+        except OSError:
+            self.stats.errors["forward"] += 1
+            return
+        self.stats.forwards += 1
+        self.stats.dispatch_latency.observe(time.monotonic_ns() - since)
+
+    def _on_eoi(self) -> None:
+        try:
+            count = os.eventfd_read(self.eoi_fd)
+        except BlockingIOError:
+            return
+        now = time.monotonic_ns()
+        actions = self.channel.eoi(count, now)
+        if actions & UNMASK:
+            self._unmask(now)
+        if actions & TIMER:
+            self._schedule()
+        if actions & (STORM_BEGIN | STORM_END):
+            self._log_storm(actions)
+
+    def _unmask(self, since: int) -> None:
+        device = self.device
+        if device is None or self.faulted:
+            return
+        try:
+            device.unmask()
+        except (DeviceError, OSError) as e:
+            self.stats.errors["unmask"] += 1
+            if self.stats.errors["unmask"] == 1:
+                self._log.error("unmask failed", error=str(e))
+            return
+        self.stats.unmasks += 1
+        self.stats.unmask_latency.observe(time.monotonic_ns() - since)
+
+    # --- timers ----------------------------------------------------------------------------
+
+    def _schedule(self) -> None:
+        """Keep one loop timer at or before ``channel.timer_at``; it re-checks when it fires.
+
+        Rescheduling lazily keeps the per-interrupt cost at zero: at high rates the
+        EOI deadline moves with every interrupt, but the timer fires once per timeout."""
+        at = self.channel.timer_at
+        if at is None or (self._timer is not None and self._timer_at <= at):
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = at
+        delay = max(0.0, (at - time.monotonic_ns()) * 1e-9) + TIMER_SLACK
+        self._timer = self.loop.call_later(delay, self._on_timer)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        now = time.monotonic_ns()
+        self._act(self.channel.timer(now), now)
+
+    def _act(self, actions: int, now: int) -> None:
+        if actions & FORWARD:
+            self._forward(now)
+        if actions & UNMASK:
+            self._unmask(now)
+        if actions & EOI_TIMEOUT:
+            self._log.warning("EOI timeout", timeout=format_duration(
+                self.channel.policy.eoi_timeout), policy=str(self.channel.policy.on_eoi_timeout),
+                consumer=self.consumer.describe() if self.consumer else None)
+        if actions & TIMER:
+            self._schedule()
+
+    def _log_storm(self, actions: int) -> None:
+        if actions & STORM_BEGIN:
+            self._log.warning("interrupt storm: deferring unmasks",
+                              max_rate=self.channel.policy.storm.max_rate)
+        else:
+            self._log.info("interrupt storm over", throttles=self.stats.storm_throttles)
+
+    # --- consumers -----------------------------------------------------------------------
+
+    def attach(self, peer: Peer) -> list[int]:
+        """Give ``peer`` the device's irq and eoi eventfds (dups; the caller closes them)."""
+        if not self.config.consumers.allows(peer.uid, peer.gids):
+            raise ProtocolError("forbidden", f"uid {peer.uid} may not attach to {self.name}")
+        if self.consumer is not None:
+            raise ProtocolError("busy", f"{self.name} already has a consumer "
+                                f"(pid {self.consumer.pid})")
+        if self.device is not None:
+            self._on_trigger()  # settle what happened before this consumer existed
+            self._on_eoi()
+        drain(self.irq_fd)  # edges nobody read are not this consumer's to see
+        self.consumer = peer
+        peer.attached.add(self.name)
+        now = time.monotonic_ns()
+        if self.device is not None:
+            self._act(self.channel.attach(now), now)
+        else:
+            self.channel.attached = True
+        self._log.info("consumer attached", pid=peer.pid, uid=peer.uid)
+        return [os.dup(self.irq_fd), os.dup(self.eoi_fd)]
+
+    def detach(self, peer: Peer) -> None:
+        if self.consumer is not peer:
+            raise ProtocolError("not_attached", f"not attached to {self.name}")
+        if self.device is not None:
+            self._on_eoi()  # an EOI written just before leaving still ends the interrupt
+        self.consumer = None
+        peer.attached.discard(self.name)
+        self._act(self.channel.detach(), time.monotonic_ns())
+        drain(self.irq_fd)
+        self._log.info("consumer detached", pid=peer.pid, held=self.channel.state == State.HELD)
+
+    # --- device events -------------------------------------------------------------------
+
+    def _on_device_event(self, fd: int) -> None:
+        device = self.device
+        if device is None:
+            return
+        event = device.read_event(fd)
+        if event is None:
+            return
+        self.stats.errors["device_event"] += event is DeviceEvent.ERROR
+        if event is DeviceEvent.ERROR:
+            self.faulted = True
+            self._log.error("device reported an error; unmasking stopped until it is reopened")
+            if self.consumer is not None:
+                self.consumer.notify({"event": "device_error", "device": self.name})
+            return
+        reason = ("the host asked for the device back (unbind or hot-unplug)"
+                  if event is DeviceEvent.REQUEST else "the device went away")
+        self._log.warning("device released", reason=reason)
+        self.stop(reason)
+        self.on_down(self, reason)
+
+    def status(self) -> dict[str, Any]:
+        ch = self.channel
+        return {"name": self.name, "up": self.up, "state": ch.state.name.lower(),
+                "down_reason": self.down_reason, "faulted": self.faulted, "stuck": ch.stuck,
+                "storm": ch.in_storm, "pci_address": self.config.pci_address,
+                "backend": self.config.backend.type,
+                "consumer": self.consumer.describe() if self.consumer else None,
+                "counters": {k: v for k, v in self.stats.to_dict().items()
+                             if isinstance(v, int | dict) and k not in (
+                                 "service", "unmask_latency", "dispatch_latency")},
+                "service_p50_seconds": self.stats.service.quantile(0.5),
+                "service_p99_seconds": self.stats.service.quantile(0.99),
+                "unmask_p99_seconds": self.stats.unmask_latency.quantile(0.99)}

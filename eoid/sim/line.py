@@ -1,0 +1,109 @@
+"""A simulated PCI device with a level-triggered INTx line, behind vfio-pci's semantics.
+
+The model follows drivers/vfio/pci/vfio_pci_intrs.c for a DisINTx-capable device:
+- an assertion while unmasked signals the trigger eventfd once and masks the line
+  (auto-mask); further assertions while masked signal nothing;
+- an unmask while the device still asserts re-signals the trigger and stays masked;
+  otherwise it unmasks; an unmask of an unmasked line is a no-op;
+- enabling a trigger while the device asserts fires at once.
+The device side is a status register of pending events: ``raise_`` adds events and
+asserts the line, ``ack`` (the guest driver servicing the device) clears them.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+
+def drain_eventfd(fd: int) -> int:
+    """Read and reset a non-blocking eventfd; 0 if it held nothing."""
+    try:
+        return os.eventfd_read(fd)
+    except BlockingIOError:
+        return 0
+
+
+class SimLine:
+    """One simulated device and its INTx line as vfio-pci would present it."""
+
+    __slots__ = ("acked", "asserted_at", "enabled", "fires", "masked", "name", "pending",
+                 "raised", "stuck", "trigger_fd", "unmask_fd", "unmasks")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.pending = 0  # device events not yet serviced: the line is asserted while > 0
+        self.stuck = False  # a broken device whose line stays asserted after service
+        self.enabled = False
+        self.masked = False
+        self.trigger_fd = -1
+        self.unmask_fd = -1
+        self.asserted_at = 0  # monotonic ns of the assertion now being signalled
+        self.raised = 0  # events the device generated
+        self.acked = 0  # events the guest serviced
+        self.fires = 0  # trigger signals (what eoid should count as interrupts)
+        self.unmasks = 0  # unmask signals received
+
+    @property
+    def asserted(self) -> bool:
+        return self.pending > 0 or self.stuck
+
+    def raise_(self, count: int = 1) -> None:
+        if count <= 0:
+            return
+        if not self.asserted:
+            self.asserted_at = time.monotonic_ns()
+        self.pending += count
+        self.raised += count
+        if self.enabled and not self.masked:
+            self._fire()
+
+    def ack(self) -> int:
+        """The guest services the device: pending events are handled, the line drops."""
+        handled, self.pending = self.pending, 0
+        self.acked += handled
+        return handled
+
+    def on_unmask(self) -> None:
+        """The unmask eventfd became readable (eoid's ``ACTION_UNMASK``)."""
+        count = drain_eventfd(self.unmask_fd)
+        if not count:
+            return
+        self.unmasks += count
+        self.unmask()
+
+    def unmask(self) -> None:
+        if not (self.enabled and self.masked):
+            return
+        if self.asserted:
+            self._fire()  # still asserted: re-signal, stay masked
+        else:
+            self.masked = False
+
+    def mask(self) -> None:
+        self.masked = True
+
+    def enable(self, trigger_fd: int, unmask_fd: int) -> None:
+        self.disable()
+        self.trigger_fd, self.unmask_fd = trigger_fd, unmask_fd
+        self.enabled, self.masked = True, False
+        if self.asserted:
+            self._fire()
+
+    def disable(self) -> None:
+        """Drop the trigger; closes the eventfds the daemon lent us."""
+        for fd in (self.trigger_fd, self.unmask_fd):
+            if fd >= 0:
+                os.close(fd)
+        self.trigger_fd = self.unmask_fd = -1
+        self.enabled = self.masked = False
+
+    def _fire(self) -> None:
+        self.masked = True
+        self.fires += 1
+        os.eventfd_write(self.trigger_fd, 1)
+
+    def counters(self) -> dict[str, int | bool]:
+        return {"raised": self.raised, "acked": self.acked, "fires": self.fires,
+                "unmasks": self.unmasks, "pending": self.pending, "asserted": self.asserted,
+                "masked": self.masked, "enabled": self.enabled}

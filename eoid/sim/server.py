@@ -1,0 +1,399 @@
+"""``eoid sim``: simulated devices (and, optionally, simulated guests) in one process.
+
+The process serves its lines on a unix socket to the daemon's sim backend, generates
+load on them, and can attach a simulated guest to each device through the daemon's
+control socket exactly as a VMM would. A guest services its device (acks it, which
+drops the line) and then writes the EOI; that is the same order a real driver uses.
+Tools talk to the same socket: ``stats``, ``quiesce``, ``raise``, ``request`` and ``set``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from eoid.control import ControlClient
+from eoid.errors import EoidError, ProtocolError
+from eoid.sim.line import SimLine, drain_eventfd
+from eoid.stats import Histogram
+from eoid.wire import recv_msg, send_msg
+
+TICK = 0.001  # load generator resolution: events due are raised in one batch per tick
+
+
+@dataclass
+class Misbehaviour:
+    """What a chosen device or guest does wrong, so an operator can see eoid's answer."""
+
+    stuck_line: bool = False  # the line stays asserted however often it is serviced
+    no_eoi: bool = False  # the guest services the device but never sends the EOI
+    spurious_eoi: float = 0.0  # EOIs per second sent with nothing pending
+
+
+@dataclass
+class LineSpec:
+    name: str  # the simulated line
+    device: str  # the eoid device (YAML name) whose consumer the guest is
+    rate: float = 0.0  # device events per second
+    service_ns: int = 0  # the guest's service time
+    misbehaviour: Misbehaviour = field(default_factory=Misbehaviour)
+
+
+class SimGuest:
+    """A guest driver for one device, attached through eoid's control socket."""
+
+    def __init__(self, line: SimLine, spec: LineSpec, control: Path,
+                 loop: asyncio.AbstractEventLoop) -> None:
+        self.line = line
+        self.spec = spec
+        self.control = control
+        self.loop = loop
+        self.client: ControlClient | None = None
+        self.irq_fd = -1
+        self.eoi_fd = -1
+        self.in_service = False
+        self.owed_eoi = False
+        self.irqs = 0  # irq signals received (sum of counts)
+        self.eois = 0  # EOIs written for serviced interrupts
+        self.spurious_sent = 0
+        self.handled = 0
+        self.attaches = 0
+        self.latency = Histogram()  # device assertion → guest sees the irq
+        self._log = structlog.get_logger("eoid.sim.guest").bind(device=spec.device)
+        self._spurious: asyncio.TimerHandle | None = None
+
+    async def run(self) -> None:
+        """Attach, and re-attach whenever the daemon goes away (with a short backoff)."""
+        delay = 0.05
+        while True:
+            if self.client is None:
+                try:
+                    self._attach()
+                    delay = 0.05
+                except (EoidError, OSError) as e:
+                    self._log.debug("attach failed", error=str(e))
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 1.0)
+                    continue
+            await asyncio.sleep(0.5)
+
+    def _attach(self) -> None:
+        client = ControlClient(self.control, timeout=2.0)
+        try:
+            _, fds = client.request("attach", device=self.spec.device)
+        except Exception:
+            client.close()
+            raise
+        if len(fds) < 2:
+            client.close()
+            raise EoidError("attach reply without irq and eoi fds")
+        self._close_fds()
+        self.irq_fd, self.eoi_fd = fds[0], fds[1]
+        for extra in fds[2:]:
+            os.close(extra)
+        self.client = client
+        self.attaches += 1
+        self.loop.add_reader(self.irq_fd, self._on_irq)
+        self.loop.add_reader(client.fileno(), self._on_control)
+        if self.spec.misbehaviour.spurious_eoi and self._spurious is None:
+            self._spurious = self.loop.call_later(1 / self.spec.misbehaviour.spurious_eoi,
+                                                  self._send_spurious)
+        self._on_irq()  # an irq may already be waiting
+
+    def _on_control(self) -> None:
+        assert self.client is not None
+        try:
+            received = recv_msg(self.client.sock)
+        except (BlockingIOError, TimeoutError):
+            return
+        except (OSError, ProtocolError):
+            received = None
+        if received is None:  # the daemon is gone: keep our eventfds until it is back
+            self.loop.remove_reader(self.client.fileno())
+            self.client.close()
+            self.client = None
+            return
+        message, fds = received
+        for fd in fds:
+            os.close(fd)
+        self._log.info("daemon says", message=message)
+
+    def _on_irq(self) -> None:
+        count = drain_eventfd(self.irq_fd)
+        if not count:
+            return
+        self.irqs += count
+        if self.line.asserted_at:
+            self.latency.observe(time.monotonic_ns() - self.line.asserted_at)
+        if self.in_service:
+            return
+        self.in_service = True
+        if self.spec.service_ns:
+            self.loop.call_later(self.spec.service_ns / 1e9, self._service_done)
+        else:
+            self._service_done()
+
+    def _service_done(self) -> None:
+        self.in_service = False
+        self.handled += self.line.ack()
+        if self.spec.misbehaviour.no_eoi:
+            self.owed_eoi = True
+            return
+        self._send_eoi()
+
+    def _send_eoi(self) -> None:
+        with contextlib.suppress(OSError):
+            os.eventfd_write(self.eoi_fd, 1)
+            self.eois += 1
+
+    def _send_spurious(self) -> None:
+        rate = self.spec.misbehaviour.spurious_eoi
+        if not rate:
+            self._spurious = None
+            return
+        if not self.in_service and self.eoi_fd >= 0 and not self.line.masked:
+            os.eventfd_write(self.eoi_fd, 1)
+            self.spurious_sent += 1
+        self._spurious = self.loop.call_later(1 / rate, self._send_spurious)
+
+    def heal(self) -> None:
+        """Stop misbehaving; an EOI still owed is sent now."""
+        self.spec.misbehaviour = Misbehaviour()
+        if self.owed_eoi:
+            self.owed_eoi = False
+            self._send_eoi()
+
+    def counters(self) -> dict[str, Any]:
+        p50, p99 = self.latency.quantile(0.5), self.latency.quantile(0.99)
+        return {"irqs": self.irqs, "eois": self.eois, "spurious_eois_sent": self.spurious_sent,
+                "handled": self.handled, "attaches": self.attaches,
+                "in_service": self.in_service or self.owed_eoi,
+                "attached": self.client is not None,
+                "assert_to_irq_p50_us": None if p50 is None else round(p50 * 1e6, 1),
+                "assert_to_irq_p99_us": None if p99 is None else round(p99 * 1e6, 1)}
+
+    def _close_fds(self) -> None:
+        for fd in (self.irq_fd, self.eoi_fd):
+            if fd >= 0:
+                with contextlib.suppress(ValueError, OSError):
+                    self.loop.remove_reader(fd)
+                os.close(fd)
+        self.irq_fd = self.eoi_fd = -1
+
+
+class SimServer:
+    """Serves simulated lines to the daemon, runs their load and their guests."""
+
+    def __init__(self, socket_path: Path, specs: list[LineSpec], control: Path | None,
+                 loop: asyncio.AbstractEventLoop) -> None:
+        self.path = socket_path
+        self.loop = loop
+        self.specs = {s.name: s for s in specs}
+        self.lines = {s.name: SimLine(s.name) for s in specs}
+        self.owners: dict[str, socket.socket] = {}  # line → the daemon connection using it
+        self.guests = {s.name: SimGuest(self.lines[s.name], s, control, loop)
+                       for s in specs} if control else {}
+        self.loading = True
+        self.started = time.monotonic()
+        self._due: dict[str, int] = dict.fromkeys(self.lines, 0)
+        self._conns: dict[socket.socket, str | None] = {}
+        self._sock: socket.socket | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._log = structlog.get_logger("eoid.sim")
+        for name, spec in self.specs.items():
+            self.lines[name].stuck = spec.misbehaviour.stuck_line
+
+    def start(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        sock.bind(str(self.path))
+        sock.listen(256)
+        sock.setblocking(False)
+        self._sock = sock
+        self.loop.add_reader(sock.fileno(), self._accept)
+        self.loop.call_later(TICK, self._tick)
+        for guest in self.guests.values():
+            self._tasks.append(self.loop.create_task(guest.run()))
+
+    def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for conn in list(self._conns):
+            self._drop(conn)
+        if self._sock is not None:
+            self.loop.remove_reader(self._sock.fileno())
+            self._sock.close()
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+
+    # --- load ------------------------------------------------------------------------------
+
+    def _tick(self) -> None:
+        if self.loading:
+            elapsed = time.monotonic() - self.started
+            for name, line in self.lines.items():
+                rate = self.specs[name].rate
+                if rate:
+                    due = math.floor(rate * elapsed) - self._due[name]
+                    if due > 0:
+                        self._due[name] += due
+                        line.raise_(due)
+        self.loop.call_later(TICK, self._tick)
+
+    # --- the socket ------------------------------------------------------------------------
+
+    def _accept(self) -> None:
+        assert self._sock is not None
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except BlockingIOError:
+                return
+            conn.setblocking(False)
+            self._conns[conn] = None
+            self.loop.add_reader(conn.fileno(), self._readable, conn)
+
+    def _drop(self, conn: socket.socket) -> None:
+        name = self._conns.pop(conn, None)
+        if name is not None and self.owners.get(name) is conn:
+            del self.owners[name]
+            line = self.lines[name]
+            if line.unmask_fd >= 0:
+                self.loop.remove_reader(line.unmask_fd)
+            line.disable()  # like closing a VFIO device fd: INTx is torn down
+        self.loop.remove_reader(conn.fileno())
+        conn.close()
+
+    def _readable(self, conn: socket.socket) -> None:
+        try:
+            received = recv_msg(conn)
+        except BlockingIOError:
+            return
+        except (OSError, ProtocolError):
+            received = None
+        if received is None:
+            self._drop(conn)
+            return
+        message, fds = received
+        try:
+            reply = self._handle(conn, message, fds)
+        except ProtocolError as e:
+            for fd in fds:
+                os.close(fd)
+            reply = {"ok": False, "error": {"code": e.code, "message": str(e)}}
+        with contextlib.suppress(OSError):
+            send_msg(conn, reply)
+
+    def _handle(self, conn: socket.socket, msg: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        op = msg.get("op")
+        if op == "open":
+            name = str(msg.get("line"))
+            if name not in self.lines:
+                raise ProtocolError("unknown_line", f"no simulated line {name!r}")
+            if name in self.owners:
+                raise ProtocolError("busy", f"line {name!r} is already open")
+            self.owners[name] = conn
+            self._conns[conn] = name
+            return {"ok": True, "line": name}
+        if op in ("enable", "mask", "disable"):
+            line = self._owned(conn)
+            if op == "enable":
+                if len(fds) != 2:
+                    raise ProtocolError("bad_request", "enable needs a trigger and an unmask fd")
+                if line.unmask_fd >= 0:
+                    self.loop.remove_reader(line.unmask_fd)
+                line.enable(fds[0], fds[1])
+                self.loop.add_reader(line.unmask_fd, line.on_unmask)
+            elif op == "mask":
+                line.mask()
+            else:
+                if line.unmask_fd >= 0:
+                    self.loop.remove_reader(line.unmask_fd)
+                line.disable()
+            return {"ok": True}
+        for fd in fds:
+            os.close(fd)
+        return self._tool(msg)
+
+    def _owned(self, conn: socket.socket) -> SimLine:
+        name = self._conns.get(conn)
+        if name is None:
+            raise ProtocolError("not_open", "open a line first")
+        return self.lines[name]
+
+    def _tool(self, msg: dict[str, Any]) -> dict[str, Any]:
+        op = msg.get("op")
+        if op == "stats":
+            return {"ok": True, "elapsed": time.monotonic() - self.started,
+                    "loading": self.loading, "lines": self.stats()}
+        if op == "quiesce":  # stop the load and every misbehaviour, so the system can drain
+            self.loading = False
+            for line in self.lines.values():
+                if line.stuck:
+                    line.stuck = False
+            for guest in self.guests.values():
+                guest.heal()
+            return {"ok": True}
+        line = self.lines.get(str(msg.get("line")))
+        if line is None:
+            raise ProtocolError("unknown_line", f"no simulated line {msg.get('line')!r}")
+        if op == "raise":
+            line.raise_(int(msg.get("count", 1)))
+        elif op == "ack":
+            return {"ok": True, "handled": line.ack()}
+        elif op == "set":
+            spec = self.specs[line.name]
+            if "rate" in msg:
+                self._due[line.name] = math.floor(float(msg["rate"]) *
+                                                  (time.monotonic() - self.started))
+                spec.rate = float(msg["rate"])
+            if "stuck" in msg:
+                line.stuck = bool(msg["stuck"])
+                if not line.stuck:
+                    line.unmask()  # nothing to do unless eoid unmasks anyway
+        elif op in ("request", "error"):
+            owner = self.owners.get(line.name)
+            if owner is None:
+                raise ProtocolError("not_open", f"line {line.name!r} is not open")
+            send_msg(owner, {"event": op})
+        else:
+            raise ProtocolError("unknown_op", f"unknown op {op!r}")
+        return {"ok": True, "line": line.counters()}
+
+    def stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name, line in self.lines.items():
+            out[name] = line.counters()
+            if name in self.guests:
+                out[name]["guest"] = self.guests[name].counters()
+        return out
+
+
+async def serve(socket_path: Path, specs: list[LineSpec], control: Path | None) -> None:
+    """Run the sim process until SIGTERM or SIGINT."""
+    loop = asyncio.get_running_loop()
+    server = SimServer(socket_path, specs, control, loop)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    server.start()
+    structlog.get_logger("eoid.sim").info("simulated devices ready", socket=str(socket_path),
+                                          lines=len(specs))
+    try:
+        await stop.wait()
+    finally:
+        server.close()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)

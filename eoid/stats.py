@@ -1,0 +1,113 @@
+"""Per-device counters and histograms kept in plain Python objects.
+
+The hot path only does integer arithmetic on these; ``eoid.metrics`` turns them into
+Prometheus metrics at scrape time. (A prometheus_client call per interrupt costs more
+than the rest of the interrupt's handling.)
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from typing import Any
+
+BUCKETS_SECONDS: tuple[float, ...] = (
+    1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4,
+    1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)
+"""Upper bounds from 1 µs to 10 s; an implicit +Inf bucket follows."""
+
+BUCKETS_NS: tuple[int, ...] = tuple(round(b * 1e9) for b in BUCKETS_SECONDS)
+
+
+class Histogram:
+    """Non-cumulative bucket counts in nanoseconds; cumulated only when exported."""
+
+    __slots__ = ("counts", "sum_ns")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(BUCKETS_NS) + 1)
+        self.sum_ns = 0
+
+    def observe(self, ns: int) -> None:
+        self.counts[bisect_left(BUCKETS_NS, ns)] += 1
+        self.sum_ns += ns
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+    def quantile(self, q: float) -> float | None:
+        """Estimate a quantile in seconds, interpolating inside a bucket as Prometheus does."""
+        return quantile(self.counts, q)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"counts": list(self.counts), "sum_ns": self.sum_ns}
+
+    def restore(self, data: dict[str, Any]) -> None:
+        counts = data.get("counts", [])
+        if len(counts) == len(self.counts):
+            self.counts = [int(c) for c in counts]
+            self.sum_ns = int(data.get("sum_ns", 0))
+
+
+def quantile(counts: list[int], q: float) -> float | None:
+    """``histogram_quantile`` over non-cumulative ``counts`` (seconds); None when empty."""
+    total = sum(counts)
+    if total == 0:
+        return None
+    rank = q * total
+    seen = 0
+    for i, c in enumerate(counts):
+        if c and seen + c >= rank:
+            if i == len(BUCKETS_SECONDS):
+                return BUCKETS_SECONDS[-1]
+            lower = BUCKETS_SECONDS[i - 1] if i else 0.0
+            return lower + (BUCKETS_SECONDS[i] - lower) * (rank - seen) / c
+        seen += c
+    return BUCKETS_SECONDS[-1]
+
+
+ERROR_OPS = ("enable", "unmask", "mask", "disable", "forward", "device_event")
+
+COUNTERS = ("interrupts", "eois", "unmasks", "spurious_eois", "coalesced_interrupts",
+            "eoi_timeouts", "storm_throttles", "forwards")
+
+
+class DeviceStats:
+    """Everything counted about one device, by the state machine and by the loop shell."""
+
+    __slots__ = (*COUNTERS, "errors", "service", "unmask_latency", "dispatch_latency")
+
+    def __init__(self) -> None:
+        self.interrupts = 0  # trigger counts read (one per assertion the kernel reported)
+        self.eois = 0
+        self.unmasks = 0  # unmasks issued successfully
+        self.spurious_eois = 0
+        self.coalesced_interrupts = 0
+        self.eoi_timeouts = 0
+        self.storm_throttles = 0
+        self.forwards = 0  # signals written to the consumer's irq eventfd
+        self.errors = dict.fromkeys(ERROR_OPS, 0)
+        self.service = Histogram()  # trigger → EOI: the guest's service time
+        self.unmask_latency = Histogram()  # EOI wake-up → unmask done: our overhead
+        self.dispatch_latency = Histogram()  # trigger wake-up → consumer signalled
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able snapshot (status replies, the restart state record)."""
+        out: dict[str, Any] = {name: getattr(self, name) for name in COUNTERS}
+        out["errors"] = dict(self.errors)
+        out["service"] = self.service.to_dict()
+        out["unmask_latency"] = self.unmask_latency.to_dict()
+        out["dispatch_latency"] = self.dispatch_latency.to_dict()
+        return out
+
+    def restore(self, data: dict[str, Any]) -> None:
+        """Continue counting from a snapshot, so counters never go backwards on restart."""
+        for name in COUNTERS:
+            setattr(self, name, int(data.get(name, 0)))
+        for op, n in data.get("errors", {}).items():
+            if op in self.errors:
+                self.errors[op] = int(n)
+        self.service.restore(data.get("service", {}))
+        self.unmask_latency.restore(data.get("unmask_latency", {}))
+        self.dispatch_latency.restore(data.get("dispatch_latency", {}))
