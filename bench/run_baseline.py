@@ -10,6 +10,17 @@ side of the same eventfds, and measures the fire -> unmask round trip.
 wherever they came (here eventfds made on the spot; for eoid, the trigger and
 unmask fds its sim backend sends and the irq and eoi fds of the attach reply).
 
+Where the two processes run decides the numbers more than anything else on a
+small VM, so it is a parameter (``placement``):
+- ``same`` (default): both on one CPU. Every eventfd write wakes its reader on
+  the same CPU, so the relay's CPU time is its own work, not the cross-CPU
+  wakeups (IPIs) and cache-line bouncing that the pump's sleeping side would
+  add; the steadiest figure, and the one to compare relays by. Throughput is
+  that of one CPU shared by both.
+- ``split``: relay on one CPU, pump on another: more throughput, and each
+  write that wakes the other side pays a cross-CPU wakeup.
+- ``none``: wherever the scheduler puts them (varies run to run).
+
     python -m bench.run_baseline --devices 64 --mode closed --duration 3
     python -m bench.run_baseline --devices 1024 --mode paced --rate 50000 --repeat 3
 """
@@ -17,6 +28,7 @@ unmask fds its sim backend sends and the irq and eoi fds of the attach reply).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -30,6 +42,7 @@ from typing import Any, NamedTuple
 from bench._cbuild import build
 
 MODES = ("closed", "paced")
+PLACEMENTS = ("same", "split", "none")
 # Longer fd lists go through a memfd: one argv string may not exceed 128 KiB,
 # which 4096 devices' worth of five-digit fd numbers comes close to.
 _INLINE_SPEC_MAX = 32 * 1024
@@ -67,6 +80,7 @@ def _spawn(
     *,
     extra_fds: Sequence[int] = (),
     stdin: int | None = None,
+    cpu: int | None = None,
 ) -> subprocess.Popen[str]:
     spec = fd_spec(quads)
     pass_fds = [fd for quad in quads for fd in quad] + list(extra_fds)
@@ -81,7 +95,7 @@ def _spawn(
         fd_args = ["--fds-from", str(memfd)]
         pass_fds.append(memfd)
     try:
-        return subprocess.Popen(
+        proc = subprocess.Popen(
             [str(build(prog)), *fd_args, *args],
             pass_fds=pass_fds,
             stdin=stdin,
@@ -91,6 +105,27 @@ def _spawn(
     finally:
         if memfd >= 0:
             os.close(memfd)
+    if cpu is not None:
+        # Pinned once started rather than in a preexec_fn (which is unsafe in a
+        # threaded caller): what runs before this is set-up, not measured. A
+        # child already gone is reported by its exit status.
+        with contextlib.suppress(ProcessLookupError):
+            os.sched_setaffinity(proc.pid, {cpu})
+    return proc
+
+
+def placement_cpus(placement: str) -> tuple[int | None, int | None]:
+    """The (relay, pump) CPUs for a placement (see the module docstring)."""
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement must be one of {PLACEMENTS}, not {placement!r}")
+    if placement == "none":
+        return None, None
+    cpus = sorted(os.sched_getaffinity(0))
+    if placement == "same":
+        return cpus[0], cpus[0]
+    if len(cpus) < 2:
+        raise ValueError("placement 'split' needs two CPUs")
+    return cpus[0], cpus[1]
 
 
 def _check_mode(mode: str, rate: int | None) -> None:
@@ -107,19 +142,22 @@ def launch_pump(
     rate: int | None,
     *,
     drain: float = 1.0,
+    pump_args: Sequence[str] = (),
+    cpu: int | None = None,
 ) -> subprocess.Popen[str]:
     """Start the load generator on the given devices' fds; its stdout is a pipe.
 
     Each quad is (trigger, irq, eoi, unmask) as the relay sees them (see
     ``FdQuad``); the pump writes trigger and eoi and reads irq and unmask. It
     prints one JSON line when done (``parse_output``) and exits 1 if any
-    interrupt was lost.
+    interrupt was lost. ``pump_args`` are passed on (e.g. ``--spin-us``);
+    ``cpu`` pins the pump (pin the relay alike, see ``placement_cpus``).
     """
     _check_mode(mode, rate)
     args = ["--mode", mode, "--duration", str(duration), "--drain", str(drain)]
     if rate is not None:
         args += ["--rate", str(rate)]
-    return _spawn("pump", args, fd_quads)
+    return _spawn("pump", [*args, *pump_args], fd_quads, cpu=cpu)
 
 
 def parse_output(name: str, proc: subprocess.Popen[str], out: str) -> dict[str, Any]:
@@ -155,7 +193,14 @@ def _wait_ready(fd: int, proc: subprocess.Popen[str], timeout: float) -> None:
 
 
 def run_baseline(
-    devices: int, mode: str, duration: float, rate: int | None = None, *, drain: float = 1.0
+    devices: int,
+    mode: str,
+    duration: float,
+    rate: int | None = None,
+    *,
+    drain: float = 1.0,
+    pump_args: Sequence[str] = (),
+    placement: str = "same",
 ) -> dict[str, Any]:
     """Relay ``devices`` devices' interrupts with the C baseline under the pump's load.
 
@@ -166,6 +211,7 @@ def run_baseline(
     if devices < 1:
         raise ValueError("devices must be at least 1")
     _check_mode(mode, rate)
+    relay_cpu, pump_cpu = placement_cpus(placement)
     # Each process holds all 4 fds of every device, plus a few of its own.
     ensure_nofile(4 * devices + 64)
     fds: list[int] = []
@@ -185,6 +231,7 @@ def run_baseline(
                 quads,
                 extra_fds=[ready_w],
                 stdin=subprocess.PIPE,
+                cpu=relay_cpu,
             )
             procs.append(baseline)
             os.close(ready_w)
@@ -195,7 +242,9 @@ def run_baseline(
             if ready_w >= 0:
                 os.close(ready_w)
 
-        pump = launch_pump(quads, mode, duration, rate, drain=drain)
+        pump = launch_pump(
+            quads, mode, duration, rate, drain=drain, pump_args=pump_args, cpu=pump_cpu
+        )
         procs.append(pump)
         pump_out, _ = pump.communicate(timeout=duration + drain + _EXIT_TIMEOUT)
         # Closing its stdin (communicate does) is the baseline's stop signal.
@@ -216,6 +265,7 @@ def run_baseline(
         "mode": mode,
         "rate": rate,
         "duration": duration,
+        "placement": placement,
         "ok": baseline.returncode == 0 and pump.returncode == 0,
         "interrupts": interrupts,
         "cpu_us_per_interrupt": base["cpu_us"] / interrupts if interrupts else None,
@@ -235,6 +285,7 @@ def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "devices": runs[0]["devices"],
             "mode": runs[0]["mode"],
             "rate": runs[0]["rate"],
+            "placement": runs[0]["placement"],
             "cpu_us_per_interrupt_median": median(r["cpu_us_per_interrupt"] for r in runs),
             "interrupts_per_s_median": median(r["pump"]["rate_achieved"] for r in runs),
             "skipped_median": median(r["pump"]["skipped"] for r in runs),
@@ -256,14 +307,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=3.0, help="seconds of load")
     parser.add_argument("--rate", type=int, help="total interrupts/s (paced mode)")
     parser.add_argument("--drain", type=float, default=1.0, help="seconds to wait for in-flight")
+    parser.add_argument(
+        "--placement", choices=PLACEMENTS, default="same", help="CPUs of relay and pump"
+    )
     parser.add_argument("--repeat", type=int, default=1, help="runs; >1 adds a median summary")
+    parser.add_argument(
+        "--pump-arg", action="append", default=[], help="extra pump option (repeatable)"
+    )
     args = parser.parse_args(argv)
     if (args.mode == "paced") != (args.rate is not None):
         parser.error("--rate is required with --mode paced and only allowed with it")
 
     runs = []
     for _ in range(args.repeat):
-        result = run_baseline(args.devices, args.mode, args.duration, args.rate, drain=args.drain)
+        result = run_baseline(
+            args.devices,
+            args.mode,
+            args.duration,
+            args.rate,
+            drain=args.drain,
+            pump_args=args.pump_arg,
+            placement=args.placement,
+        )
         print(json.dumps(result), flush=True)
         runs.append(result)
     if args.repeat > 1:
