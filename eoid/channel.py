@@ -166,12 +166,19 @@ class Channel:
     # --- storm protection ----------------------------------------------------------------
 
     def _take_token(self, now: int) -> bool:
+        """Spend one token of the bucket (refilled at ``max_rate``, holding ``burst``).
+
+        A bucket at least half full means the device is back under its limit, so the
+        backoff starts again from ``backoff_initial``: the deferral only escalates while
+        the device keeps the bucket empty, and the sustained rate settles at max_rate."""
         storm = self.policy.storm
         tokens = self._tokens + (now - self._refilled) * storm.max_rate * 1e-9
         self._refilled = now
         if tokens > storm.burst:
             tokens = float(storm.burst)
         if tokens >= 1.0:
+            if tokens * 2 >= storm.burst:
+                self._backoff = storm.backoff_initial
             self._tokens = tokens - 1.0
             return True
         self._tokens = tokens

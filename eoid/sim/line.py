@@ -7,7 +7,10 @@ The model follows drivers/vfio/pci/vfio_pci_intrs.c for a DisINTx-capable device
   otherwise it unmasks; an unmask of an unmasked line is a no-op;
 - enabling a trigger while the device asserts fires at once.
 The device side is a status register of pending events: ``raise_`` adds events and
-asserts the line, ``ack`` (the guest driver servicing the device) clears them.
+asserts the line (as QEMU's ``edu`` does), ``ack`` (the guest driver servicing the device)
+clears them. ``queue`` models a device with one interrupt per event (a command
+completion queue): queued events are presented one at a time, the next one as soon as
+the previous one was acked.
 """
 
 from __future__ import annotations
@@ -28,11 +31,12 @@ class SimLine:
     """One simulated device and its INTx line as vfio-pci would present it."""
 
     __slots__ = ("acked", "asserted_at", "enabled", "fires", "masked", "name", "pending",
-                 "raised", "stuck", "trigger_fd", "unmask_fd", "unmasks")
+                 "queued", "raised", "stuck", "trigger_fd", "unmask_fd", "unmasks")
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.pending = 0  # device events not yet serviced: the line is asserted while > 0
+        self.queued = 0  # events waiting to be presented (see ``queue``)
         self.stuck = False  # a broken device whose line stays asserted after service
         self.enabled = False
         self.masked = False
@@ -49,20 +53,37 @@ class SimLine:
         return self.pending > 0 or self.stuck
 
     def raise_(self, count: int = 1) -> None:
-        if count <= 0:
-            return
+        """Device events that all show in the status register at once (edu-like)."""
+        if count > 0:
+            self.raised += count
+            self._assert(count)
+
+    def queue(self, count: int) -> None:
+        """Device events presented one per interrupt."""
+        self.raised += count
+        self.queued += count
+        if not self.pending:
+            self._present()
+
+    def ack(self) -> int:
+        """The guest services the device: pending events are handled, the line drops
+        (and rises again at once if more events are queued)."""
+        handled, self.pending = self.pending, 0
+        self.acked += handled
+        self._present()
+        return handled
+
+    def _present(self) -> None:
+        if self.queued:
+            self.queued -= 1
+            self._assert(1)
+
+    def _assert(self, count: int) -> None:
         if not self.asserted:
             self.asserted_at = time.monotonic_ns()
         self.pending += count
-        self.raised += count
         if self.enabled and not self.masked:
             self._fire()
-
-    def ack(self) -> int:
-        """The guest services the device: pending events are handled, the line drops."""
-        handled, self.pending = self.pending, 0
-        self.acked += handled
-        return handled
 
     def on_unmask(self) -> None:
         """The unmask eventfd became readable (eoid's ``ACTION_UNMASK``)."""
@@ -105,5 +126,5 @@ class SimLine:
 
     def counters(self) -> dict[str, int | bool]:
         return {"raised": self.raised, "acked": self.acked, "fires": self.fires,
-                "unmasks": self.unmasks, "pending": self.pending, "asserted": self.asserted,
+                "unmasks": self.unmasks, "pending": self.pending, "queued": self.queued, "asserted": self.asserted,
                 "masked": self.masked, "enabled": self.enabled}

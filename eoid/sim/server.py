@@ -205,7 +205,7 @@ class SimServer:
                        for s in specs} if control else {}
         self.loading = True
         self.started = time.monotonic()
-        self._due: dict[str, int] = dict.fromkeys(self.lines, 0)
+        self._origin: dict[str, tuple[float, int]] = {}  # line → (load start, events raised)
         self._conns: dict[socket.socket, str | None] = {}
         self._sock: socket.socket | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -241,15 +241,23 @@ class SimServer:
     # --- load ------------------------------------------------------------------------------
 
     def _tick(self) -> None:
-        if self.loading:
-            elapsed = time.monotonic() - self.started
-            for name, line in self.lines.items():
-                rate = self.specs[name].rate
-                if rate:
-                    due = math.floor(rate * elapsed) - self._due[name]
-                    if due > 0:
-                        self._due[name] += due
-                        line.raise_(due)
+        """Raise the events due on each line since its load began.
+
+        A line's load begins once it is enabled (and its guest attached), so nothing piles
+        up while the daemon starts; it pauses while the line is down."""
+        now = time.monotonic()
+        for name, line in self.lines.items():
+            rate = self.specs[name].rate
+            guest = self.guests.get(name)
+            if not (self.loading and rate and line.enabled
+                    and (guest is None or guest.client is not None)):
+                self._origin.pop(name, None)
+                continue
+            origin, done = self._origin.setdefault(name, (now, 0))
+            due = math.floor(rate * (now - origin)) - done
+            if due > 0:
+                self._origin[name] = (origin, done + due)
+                line.queue(due)
         self.loop.call_later(TICK, self._tick)
 
     # --- the socket ------------------------------------------------------------------------
@@ -338,11 +346,10 @@ class SimServer:
         if op == "stats":
             return {"ok": True, "elapsed": time.monotonic() - self.started,
                     "loading": self.loading, "lines": self.stats()}
-        if op == "quiesce":  # stop the load and every misbehaviour, so the system can drain
-            self.loading = False
+        if op in ("heal", "quiesce"):  # stop misbehaving; quiesce also stops the load
+            self.loading = self.loading and op == "heal"
             for line in self.lines.values():
-                if line.stuck:
-                    line.stuck = False
+                line.stuck = False
             for guest in self.guests.values():
                 guest.heal()
             return {"ok": True}
@@ -356,8 +363,7 @@ class SimServer:
         elif op == "set":
             spec = self.specs[line.name]
             if "rate" in msg:
-                self._due[line.name] = math.floor(float(msg["rate"]) *
-                                                  (time.monotonic() - self.started))
+                self._origin.pop(line.name, None)
                 spec.rate = float(msg["rate"])
             if "stuck" in msg:
                 line.stuck = bool(msg["stuck"])

@@ -148,7 +148,8 @@ PCI_CAP_ID_EXP: Final = 0x10
 
 # Struct layouts: native endian, no padding ("=").
 GROUP_STATUS: Final = struct.Struct("=II")  # argsz, flags
-DEVICE_INFO: Final = struct.Struct("=IIIIII")  # argsz, flags, num_regions, num_irqs, cap_offset, pad
+# argsz, flags, num_regions, num_irqs, cap_offset, pad (16 bytes on old kernels: argsz says)
+DEVICE_INFO: Final = struct.Struct("=IIIIII")
 REGION_INFO: Final = struct.Struct("=IIIIQQ")  # argsz, flags, index, cap_offset, size, offset
 IRQ_INFO: Final = struct.Struct("=IIII")  # argsz, flags, index, count
 IRQ_SET: Final = struct.Struct("=IIIII")  # argsz, flags, index, start, count; then data[]
@@ -322,7 +323,7 @@ class KernelVfio:
 
     def group_get_device_fd(self, group: int, pci_address: str) -> int:
         name = bytearray(pci_address.encode() + b"\0")
-        return fcntl.ioctl(group, VFIO_GROUP_GET_DEVICE_FD, name, True)
+        return int(fcntl.ioctl(group, VFIO_GROUP_GET_DEVICE_FD, name, True))
 
     def device_get_info(self, device: int) -> VfioDeviceInfo:
         buf = bytearray(DEVICE_INFO.pack(DEVICE_INFO.size, 0, 0, 0, 0, 0))
