@@ -287,6 +287,7 @@ class FakeVfio:
         self._next_fd = _FIRST_FD
         self._next_ioas = 1
         self.calls: list[str] = []  # ioctl names, in order, for tests
+        self._sysfs_root: Path | None = None
 
     # --- building the host --------------------------------------------------------
 
@@ -344,6 +345,7 @@ class FakeVfio:
                    dev_root: Path | None = None) -> None:
         """Write the sysfs/proc/dev trees a real host with these devices would show."""
         write_sysfs(sysfs_root, self.functions.values(), iommufd=self.iommufd)
+        self._sysfs_root = sysfs_root
         if proc_root is not None:
             write_proc_interrupts(proc_root, self.functions.values())
         root = self.dev_root if dev_root is None else dev_root
@@ -626,8 +628,21 @@ class FakeVfio:
         return call
 
     def device_set_irqs(self, device: int, request: bytes) -> None:
-        """``vfio_set_irqs_validate_and_prepare`` + ``vfio_pci_set_irqs_ioctl``."""
         fn = self._fn(device)
+        try:
+            self._set_irqs(fn, request)
+        finally:
+            self._sync_sysfs(fn)
+
+    def _sync_sysfs(self, fn: FakeFunction) -> None:
+        """Keep the fixture's sysfs ``config`` (the hardware's view) current."""
+        if self._sysfs_root is not None:
+            config = sysfs_device_dir(self._sysfs_root, fn) / "config"
+            if config.exists():
+                config.write_bytes(bytes(fn.config_bytes(virtual=False)))
+
+    def _set_irqs(self, fn: FakeFunction, request: bytes) -> None:
+        """``vfio_set_irqs_validate_and_prepare`` + ``vfio_pci_set_irqs_ioctl``."""
         argsz, flags, index, start, count = uapi.IRQ_SET.unpack_from(request)
         self.calls.append(f"SET_IRQS({IrqIndex(index).name if index < len(IrqIndex) else index},"
                           f"{IrqSetFlag(flags)!s},{start},{count})")
@@ -766,6 +781,11 @@ def _take_eventfd(fd: int) -> int:
 # --- fixture trees ------------------------------------------------------------------------
 
 
+def sysfs_device_dir(root: Path, fn: FakeFunction) -> Path:
+    """Where the function's directory lives (``/sys/bus/pci/devices/X`` links to it)."""
+    return root / "devices" / f"pci{fn.address[:7]}" / fn.address
+
+
 def write_sysfs(root: Path, functions: Iterable[FakeFunction], *, iommufd: bool = False) -> None:
     """A minimal /sys with the files ``eoid.vfio.sysfs`` reads, for these functions."""
     bus = root / "bus" / "pci"
@@ -773,7 +793,7 @@ def write_sysfs(root: Path, functions: Iterable[FakeFunction], *, iommufd: bool 
     (bus / "drivers").mkdir(exist_ok=True)
     (bus / "drivers_probe").touch()
     for fn in functions:
-        dev = root / "devices" / f"pci{fn.address[:7]}" / fn.address
+        dev = sysfs_device_dir(root, fn)
         dev.mkdir(parents=True, exist_ok=True)
         link = bus / "devices" / fn.address
         if not link.is_symlink():
