@@ -168,21 +168,19 @@ class Channel:
     def _take_token(self, now: int) -> bool:
         """Spend one token of the bucket (refilled at ``max_rate``, holding ``burst``).
 
-        A bucket at least half full means the device is back under its limit, so the
-        backoff starts again from ``backoff_initial``: the deferral only escalates while
-        the device keeps the bucket empty, and the sustained rate settles at max_rate."""
+        Every interrupt spends a token, a throttled one too (the bucket goes into debt
+        until its deferred unmask), so the sustained rate never exceeds ``max_rate``.
+        A bucket at least half full means the device is back under its limit: the
+        backoff then starts again from ``backoff_initial``."""
         storm = self.policy.storm
         tokens = self._tokens + (now - self._refilled) * storm.max_rate * 1e-9
         self._refilled = now
         if tokens > storm.burst:
             tokens = float(storm.burst)
-        if tokens >= 1.0:
-            if tokens * 2 >= storm.burst:
-                self._backoff = storm.backoff_initial
-            self._tokens = tokens - 1.0
-            return True
-        self._tokens = tokens
-        return False
+        if tokens * 2 >= storm.burst:
+            self._backoff = storm.backoff_initial
+        self._tokens = tokens - 1.0
+        return self._tokens >= 0.0
 
     def _throttle(self, now: int) -> int:
         storm = self.policy.storm
@@ -190,10 +188,10 @@ class Channel:
         actions = TIMER
         if not self._episode:
             self._episode = True
-            self._backoff = storm.backoff_initial
             actions |= STORM_BEGIN
+        repaid = int(-self._tokens * 1e9 / storm.max_rate) + 1  # until the debt is paid
         self.state = State.THROTTLED
-        self.timer_at = now + self._backoff
+        self.timer_at = now + max(self._backoff, repaid)
         self._backoff = min(self._backoff * 2, storm.backoff_max)
         self._last_throttle = now
         return actions

@@ -140,8 +140,9 @@ class VfioDevice:
                             f"{self.pci_address}: {self._why_no_intx()}")
         if intx.flags & INTX_FLAGS != INTX_FLAGS:
             raise VfioError(self.name, "get irq info",
-                            f"{self.pci_address}: INTx flags {intx.flags!s} lack "
-                            f"{(INTX_FLAGS & ~intx.flags)!s}: vfio-pci cannot relay it")
+                            f"{self.pci_address}: INTx flags {uapi.flag_names(intx.flags)} "
+                            f"lack {uapi.flag_names(INTX_FLAGS & ~intx.flags)}: eoid cannot "
+                            "relay it")
         self._regions: dict[int, RegionInfo] = {}
         self.err_supported = False
         if request_irqs:

@@ -644,8 +644,9 @@ class FakeVfio:
     def _set_irqs(self, fn: FakeFunction, request: bytes) -> None:
         """``vfio_set_irqs_validate_and_prepare`` + ``vfio_pci_set_irqs_ioctl``."""
         argsz, flags, index, start, count = uapi.IRQ_SET.unpack_from(request)
+        names = uapi.flag_names(IrqSetFlag(flags))
         self.calls.append(f"SET_IRQS({IrqIndex(index).name if index < len(IrqIndex) else index},"
-                          f"{IrqSetFlag(flags)!s},{start},{count})")
+                          f"{names},{start},{count})")
         data_flags = flags & uapi.DATA_MASK
         action = flags & uapi.ACTION_MASK
         if (argsz < uapi.IRQ_SET.size or flags & ~(uapi.DATA_MASK | uapi.ACTION_MASK)

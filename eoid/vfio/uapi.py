@@ -104,6 +104,11 @@ class IrqSetFlag(enum.IntFlag):
     ACTION_TRIGGER = 1 << 5
 
 
+def flag_names(flags: enum.IntFlag) -> str:
+    """``EVENTFD|MASKABLE`` (an IntFlag's ``str`` is just the number on 3.11)."""
+    return "|".join(f.name or "" for f in type(flags) if f & flags) or "0"
+
+
 DATA_MASK: Final = IrqSetFlag.DATA_NONE | IrqSetFlag.DATA_BOOL | IrqSetFlag.DATA_EVENTFD
 ACTION_MASK: Final = IrqSetFlag.ACTION_MASK | IrqSetFlag.ACTION_UNMASK | IrqSetFlag.ACTION_TRIGGER
 
