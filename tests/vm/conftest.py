@@ -1,0 +1,68 @@
+"""Fixtures for the tests that need the real vfio-pci driver (inside the QEMU guest).
+
+They run only through tests/vm/run-vfio-tests, which boots the guest with
+EOID_VM=1 and two or more edu devices; anywhere else they are skipped with that
+reason. Inside the guest a missing edu or vfio module is a failure, not a skip.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from eoid.vfio.device import open_vfio_device
+from tests.vm.edu import Edu, bind_vfio, find_edus
+
+IN_VM = os.environ.get("EOID_VM") == "1"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if IN_VM:
+        return
+    skip = pytest.mark.skip(reason="needs the QEMU guest: run tests/vm/run-vfio-tests")
+    here = Path(__file__).parent
+    for item in items:
+        if item.get_closest_marker("vfio") and here in item.path.parents:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def edus() -> list[str]:
+    """Every edu device, bound to vfio-pci."""
+    assert Path("/dev/vfio/vfio").exists(), "no /dev/vfio/vfio: vfio-pci not loaded in the guest"
+    found = find_edus()
+    assert len(found) >= 2, f"the guest needs two or more edu devices, found {found}"
+    for address in found:
+        bind_vfio(address)
+    return found
+
+
+@pytest.fixture
+def edu(edus: list[str]) -> Iterator[Edu]:
+    """The first edu, opened through eoid; closed (and re-bound if needed) afterwards."""
+    yield from _opened(edus[0], "edu0")
+
+
+@pytest.fixture
+def edu_b(edus: list[str]) -> Iterator[Edu]:
+    yield from _opened(edus[1], "edu1")
+
+
+def _opened(address: str, name: str) -> Iterator[Edu]:
+    bind_vfio(address)
+    device = open_vfio_device(name, address)
+    try:
+        yield Edu(device)
+    finally:
+        device.close()
+        bind_vfio(address)
+
+
+@pytest.fixture
+def trigger() -> Iterator[int]:
+    fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    yield fd
+    os.close(fd)
