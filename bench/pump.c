@@ -9,7 +9,7 @@
  *
  * Usage:
  *     pump (--fds LIST | --fds-from FD) --mode closed|paced [--rate R]
- *          [--duration S] [--drain S]
+ *          [--duration S] [--drain S] [--spin-us N]
  * LIST is "trigger,irq,eoi,unmask;..." (see common.h).
  *   closed: every device fires, and fires again as soon as it is re-armed,
  *           all concurrently, for --duration seconds (default 3).
@@ -17,6 +17,11 @@
  *           k mod N; a slot whose device is not re-armed by then is counted
  *           as skipped, not fired later (so a slow relay shows up as skips,
  *           not as a silently lower rate).
+ * --spin-us N: when the next thing to do is at most N us away, poll epoll
+ * instead of sleeping (default 0: always sleep). Only worth it when the pump
+ * has a CPU of its own: it then keeps up at 100k/s and its own wakeups stay
+ * out of the round trips; on the relay's CPU it would starve the relay.
+ * Above the duration, the pump never sleeps.
  * Then, with no more fires, it waits up to --drain seconds (default 1) for
  * what is in flight, and prints one JSON line: counters, the firing window
  * and the fire -> unmask round-trip latency percentiles in microseconds.
@@ -191,7 +196,7 @@ static void usage(void)
 {
 	fprintf(stderr,
 		"usage: %s (--fds LIST | --fds-from FD) --mode closed|paced [--rate R]\n"
-		"            [--duration S] [--drain S]\n",
+		"            [--duration S] [--drain S] [--spin-us N]\n",
 		progname);
 	exit(2);
 }
@@ -211,7 +216,7 @@ int main(int argc, char **argv)
 	};
 	const char *fds = NULL, *fds_from = NULL, *mode = NULL;
 	double duration = 3, drain_s = 1;
-	uint64_t rate = 0, spin_ns = 50000;
+	uint64_t rate = 0, spin_ns = 0;
 	int paced, ep, sfd, c, running = 1;
 	struct epoll_event evs[MAX_EVENTS];
 	static struct pump p; /* static: the histogram is ~60 KiB */
@@ -294,10 +299,8 @@ int main(int argc, char **argv)
 
 		deadline = !running ? drain_end : paced && next_due < end ? next_due : end;
 		uint64_t wait = deadline > now ? deadline - now : 0;
-		/* Sleeping costs a wakeup (tens of us of CPU in a VM): closer to
-		 * the next fire than --spin-us, poll instead, so that the pump
-		 * neither falls behind at high rates nor adds its own wakeup to
-		 * the measured round trips. */
+		/* A sleep costs a wakeup (tens of us of CPU in a VM, and a
+		 * cross-CPU wakeup charged to the relay's write): see --spin-us. */
 		if (wait <= spin_ns)
 			wait = 0;
 		struct timespec ts = { .tv_sec = (time_t)(wait / 1000000000u),
