@@ -1,0 +1,249 @@
+"""eoid.service under a real systemd 252 PID 1: start, reload, watchdog, restart, stop.
+
+Run by tests/vm/run-systemd-tests inside a QEMU guest (see conftest.py).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import wait_until
+from tests.vm.systemd.conftest import (
+    CONFIG_DIR,
+    CONTROL,
+    DEVICES,
+    EOID,
+    RUNTIME_DIR,
+    WEDGE_SIGNAL,
+    Guest,
+    proc_status,
+    run,
+    wait_restarted,
+)
+
+pytestmark = pytest.mark.systemd
+
+STATUS_UP = f"{len(DEVICES)}/{len(DEVICES)} devices up"
+BAD_DEVICE_YAML = 'pci_address: "0000:00:11.0"\nbackend: {type: sim}\npolicy: {eoi_timeout: soon}\n'
+
+
+def seconds(timespan: str) -> float:
+    """systemd's formatted timespan ("10s", "1min 30s", "500ms") in seconds."""
+    units = {"min": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6}
+    total = 0.0
+    for number, unit in re.findall(r"([0-9.]+)(min|ms|us|s)", timespan):
+        total += float(number) * units[unit]
+    return total
+
+
+def test_start_waits_for_ready_and_shows_the_status_line(running: Guest) -> None:
+    p = running.eoid.show(
+        "ActiveState",
+        "SubState",
+        "Result",
+        "NRestarts",
+        "StatusText",
+        "Type",
+        "NotifyAccess",
+        "ExecMainStartTimestampMonotonic",
+        "ActiveEnterTimestampMonotonic",
+    )
+    # `systemctl start` of a Type=notify unit returns only once READY=1 arrived.
+    assert (p["ActiveState"], p["SubState"], p["Result"]) == ("active", "running", "success")
+    assert (p["Type"], p["NotifyAccess"]) == ("notify", "main")
+    assert p["NRestarts"] == "0"
+    assert p["StatusText"] == STATUS_UP
+    assert int(p["ExecMainStartTimestampMonotonic"]) < int(p["ActiveEnterTimestampMonotonic"])
+    running.wait_consumers()
+    out = run(str(EOID), "status", "--socket", str(CONTROL)).stdout
+    for device in DEVICES:
+        assert device in out
+
+
+def test_the_daemon_runs_with_no_capabilities_in_its_sandbox(running: Guest) -> None:
+    pid = running.eoid.main_pid
+    status = proc_status(pid)
+    assert int(status["CapEff"], 16) == 0
+    assert int(status["CapPrm"], 16) == 0
+    assert int(status["CapBnd"], 16) == 0
+    assert status["NoNewPrivs"] == "1"
+    assert status["Seccomp"] == "2"  # SystemCallFilter= is a seccomp filter
+    assert status["Uid"].split()[:2] == ["0", "0"]
+    assert status["Gid"].split()[:2] == [str(running.eoid_gid)] * 2  # Group=eoid
+    # The runtime directory and control socket are for group eoid only.
+    d = RUNTIME_DIR.stat()
+    assert (d.st_uid, d.st_gid, stat.S_IMODE(d.st_mode)) == (0, running.eoid_gid, 0o750)
+    s = CONTROL.stat()
+    assert stat.S_ISSOCK(s.st_mode)
+    assert (s.st_uid, s.st_gid, stat.S_IMODE(s.st_mode)) == (0, running.eoid_gid, 0o660)
+    # ProtectSystem=strict: the daemon's view of /usr is read-only.
+    mounts = Path(f"/proc/{pid}/mountinfo").read_text().splitlines()
+    usr = [m for m in mounts if m.split()[4] == "/usr"]
+    assert usr, "no /usr mount in the service's namespace"
+    assert all("ro" in m.split()[5].split(",") for m in usr)
+    # MemoryDenyWriteExecute= and the syscall filter did not break Python: it serves.
+    assert running.metric("eoid_device_up", device="sim0") == 1
+
+
+def test_reload_applies_a_good_configuration_in_place(running: Guest) -> None:
+    pid = running.eoid.main_pid
+    cursor = running.eoid.cursor()
+    before = running.metric("eoid_config_last_reload_success_timestamp_seconds")
+    assert before is not None
+    (CONFIG_DIR / "devices.d" / "sim1.yaml").write_text(
+        'pci_address: "0000:00:11.0"\nbackend: {type: sim}\n'
+        "policy: {eoi_timeout: 750ms, on_eoi_timeout: redeliver}\n"
+    )
+    running.eoid.systemctl("reload")
+    # On 252 `systemctl reload` may return before the daemon's READY=1: poll.
+    wait_until(
+        lambda: running.metric("eoid_config_reloads_total", result="success") == 1,
+        30,
+        "one successful reload in /metrics",
+    )
+    running.eoid.wait_active()
+    assert running.eoid.main_pid == pid
+    assert running.eoid.prop("StatusText") == STATUS_UP
+    assert running.metric("eoid_config_reloads_total", result="failure") == 0
+    after = running.metric("eoid_config_last_reload_success_timestamp_seconds")
+    assert after is not None
+    assert after > before
+    log = running.eoid.journal(cursor)
+    assert "Reloading" in log
+    assert "Reloaded" in log
+    assert "configuration reloaded" in log
+    assert "sim1" in log  # changed in place (a policy change, not a reopen)
+    assert all(running.metric("eoid_device_up", device=d) == 1 for d in DEVICES)
+
+
+def test_systemctl_reload_refuses_a_bad_configuration(running: Guest) -> None:
+    pid = running.eoid.main_pid
+    cursor = running.eoid.cursor()
+    (CONFIG_DIR / "devices.d" / "sim1.yaml").write_text(BAD_DEVICE_YAML)
+    result = running.eoid.systemctl("reload", check=False)
+    assert result.returncode != 0  # ExecReload= ran `eoid check-config` first: exit 78
+    running.eoid.wait_active()
+    assert running.eoid.main_pid == pid
+    log = running.eoid.journal(cursor)
+    assert re.search(r"sim1\.yaml:\d+", log), log  # check-config names file and line
+    assert "status=78" in log
+    # The daemon was never asked: nothing counted, nothing changed.
+    assert running.metric("eoid_config_reloads_total", result="failure") == 0
+    assert running.eoid.prop("StatusText") == STATUS_UP
+
+
+def test_sighup_with_a_bad_configuration_keeps_the_old_one(running: Guest) -> None:
+    """`eoid reload` or a bare SIGHUP skip check-config: the daemon itself must refuse."""
+    pid = running.eoid.main_pid
+    (CONFIG_DIR / "devices.d" / "sim1.yaml").write_text(BAD_DEVICE_YAML)
+    running.eoid.systemctl("kill", "--kill-whom=main", "--signal=SIGHUP")
+    wait_until(
+        lambda: running.metric("eoid_config_reloads_total", result="failure") == 1,
+        30,
+        "one failed reload in /metrics",
+    )
+    running.eoid.wait_active()
+    assert running.eoid.main_pid == pid
+    assert running.eoid.prop("StatusText").startswith("reload failed:")
+    assert all(running.metric("eoid_device_up", device=d) == 1 for d in DEVICES)
+    # and a good configuration afterwards is taken again
+    running.write_config()
+    running.eoid.systemctl("reload")
+    wait_until(
+        lambda: running.metric("eoid_config_reloads_total", result="success") == 1,
+        30,
+        "the next good reload",
+    )
+    wait_until(lambda: running.eoid.prop("StatusText") == STATUS_UP, 30, "status back to normal")
+
+
+def test_a_wedged_event_loop_is_killed_by_the_watchdog_and_restarted(running: Guest) -> None:
+    watchdog = seconds(running.eoid.prop("WatchdogUSec"))
+    assert watchdog > 0, "WatchdogSec= is not set"
+    pid = running.eoid.main_pid
+    restarts = int(running.eoid.prop("NRestarts"))
+    cursor = running.eoid.cursor()
+    # A healthy daemon pings: it outlives one full watchdog period.
+    time.sleep(watchdog * 1.2)
+    assert running.eoid.main_pid == pid
+    assert int(running.eoid.prop("NRestarts")) == restarts
+    # Wedge the loop (tests/vm/systemd/hooks): other threads still run, no pings come.
+    running.eoid.systemctl("kill", "--kill-whom=main", f"--signal={WEDGE_SIGNAL}")
+    wait_restarted(running.eoid, pid, restarts, timeout=watchdog * 3 + 30)
+    log = running.eoid.journal(cursor)
+    assert "wedged the main thread" in log
+    assert "Watchdog timeout" in log
+    assert "Failed with result 'watchdog'" in log
+    assert running.eoid.prop("StatusText") == STATUS_UP
+    running.wait_devices_up()
+
+
+def test_restart_keeps_the_runtime_directory_and_reattaches_consumers(running: Guest) -> None:
+    running.wait_consumers()
+    pid = running.eoid.main_pid
+    marker = RUNTIME_DIR / "restart-marker"
+    marker.touch()
+    running.eoid.systemctl("restart")
+    new_pid = running.eoid.main_pid
+    assert new_pid not in {0, pid}
+    assert running.eoid.prop("StatusText") == STATUS_UP
+    assert marker.exists()  # RuntimeDirectoryPreserve=restart
+    assert CONTROL.exists()
+    running.wait_devices_up()
+    running.wait_consumers()
+
+
+def test_the_fd_store_holds_the_devices_across_a_restart(running: Guest) -> None:
+    """DESIGN.md section 7: device fds and eventfds are parked in PID 1 (FDSTORE=1)."""
+    stored = int(running.eoid.prop("NFileDescriptorStore"))
+    assert stored >= 3 * len(DEVICES)  # trigger, irq and eoi eventfd per device at least
+    running.eoid.systemctl("restart")
+    assert int(running.eoid.prop("NFileDescriptorStore")) == stored  # re-adopted, none added
+    running.wait_devices_up()
+
+
+def test_stop_is_clean_and_drops_runtime_state(running: Guest) -> None:
+    cursor = running.eoid.cursor()
+    running.eoid.systemctl("stop")
+    p = running.eoid.show("ActiveState", "Result", "ExecMainStatus", "NFileDescriptorStore")
+    assert p == {
+        "ActiveState": "inactive",
+        "Result": "success",
+        "ExecMainStatus": "0",
+        "NFileDescriptorStore": "0",
+    }
+    assert not RUNTIME_DIR.exists()  # RuntimeDirectoryPreserve=restart, not yes
+    assert "eoid stopped" in running.eoid.journal(cursor)
+
+
+def test_a_bad_configuration_fails_the_start_for_good(guest: Guest) -> None:
+    guest.eoid.systemctl("stop")
+    guest.eoid.systemctl("reset-failed", check=False)
+    guest.write_config(sim1=BAD_DEVICE_YAML)
+    try:
+        result = guest.eoid.systemctl("start", check=False)
+        assert result.returncode != 0
+        time.sleep(3)  # several RestartSec= periods: no restart may follow
+        p = guest.eoid.show("ActiveState", "Result", "ExecMainStatus", "NRestarts")
+        assert p == {
+            "ActiveState": "failed",
+            "Result": "exit-code",
+            "ExecMainStatus": "78",  # EX_CONFIG, RestartPreventExitStatus=78
+            "NRestarts": "0",
+        }
+    finally:
+        guest.write_config()
+        guest.eoid.systemctl("reset-failed", check=False)
+
+
+def test_the_installed_unit_verifies_inside_the_guest(guest: Guest) -> None:
+    fragment = guest.eoid.prop("FragmentPath")
+    result = run("systemd-analyze", "verify", fragment, check=False)
+    assert (result.returncode, result.stderr) == (0, ""), result.stderr
+    assert os.path.basename(fragment) == "eoid.service"
