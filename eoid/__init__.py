@@ -1,4 +1,4 @@
-"""eoid: relays VFIO INTx interrupts and their EOIs between devices and guests, and measures them."""
+"""eoid: relays VFIO INTx interrupts and their EOIs between devices and guests, measuring them."""
 
 from importlib.metadata import PackageNotFoundError, version
 

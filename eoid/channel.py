@@ -87,7 +87,7 @@ class Channel:
         if count > 1:
             stats.coalesced_interrupts += count - 1
         state = self.state
-        if state == State.DOWN or state == State.HELD:
+        if state in (State.DOWN, State.HELD):
             return 0  # DOWN: a stale signal; HELD: already waiting for a consumer
         self.pending_since = now
         self.stuck = False

@@ -286,9 +286,9 @@ def run_daemon(config: Config, notify: Notify | None = None) -> None:
         import uvloop
 
         factory = uvloop.new_event_loop
-    with asyncio.Runner(loop_factory=factory) as runner:
-        with contextlib.suppress(asyncio.CancelledError):
-            runner.run(Daemon(config, notify).run())
+    with asyncio.Runner(loop_factory=factory) as runner, \
+            contextlib.suppress(asyncio.CancelledError):
+        runner.run(Daemon(config, notify).run())
 
 
 __all__ = ["Daemon", "DeviceError", "run_daemon"]

@@ -32,7 +32,7 @@ from eoid.channel import State
 from eoid.stats import BUCKETS_SECONDS, ERROR_OPS, DeviceStats, Histogram
 
 STATES = tuple(s.name.lower() for s in State)
-BUCKET_LABELS = [floatToGoString(b) for b in BUCKETS_SECONDS] + ["+Inf"]
+BUCKET_LABELS = [floatToGoString(b) for b in BUCKETS_SECONDS] + ["+Inf"]  # type: ignore[no-untyped-call]
 
 COUNTERS: tuple[tuple[str, str, str], ...] = (
     ("interrupts", "eoid_interrupts", "Interrupts the kernel signalled on the trigger eventfd."),
@@ -173,7 +173,7 @@ class EoidCollector:
 def build_registry(source: MetricsSource, daemon: DaemonMetrics) -> CollectorRegistry:
     """A registry of our own (never the global one), so tests and restarts stay isolated."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(EoidCollector(source, daemon))  # type: ignore[arg-type]
+    registry.register(EoidCollector(source, daemon))
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
     return registry

@@ -18,8 +18,7 @@ from typing import Any
 
 import structlog
 
-from eoid.channel import EOI_TIMEOUT, FORWARD, STORM_BEGIN, STORM_END, TIMER, UNMASK, Channel, \
-    State
+from eoid.channel import EOI_TIMEOUT, FORWARD, STORM_BEGIN, STORM_END, TIMER, UNMASK, Channel, State
 from eoid.config import DeviceConfig, format_duration
 from eoid.control import Peer
 from eoid.device import DeviceEvent, IntxDevice

@@ -26,7 +26,8 @@ def send_msg(sock: socket.socket, message: dict[str, Any], fds: list[int] | tupl
         sock.send(data)
 
 
-def recv_msg(sock: socket.socket, max_bytes: int = 65536) -> tuple[dict[str, Any], list[int]] | None:
+def recv_msg(sock: socket.socket, max_bytes: int = 65536,
+             ) -> tuple[dict[str, Any], list[int]] | None:
     """Receive one message and any fds with it; None when the peer has closed.
 
     Raises ``ProtocolError`` for an oversized or malformed message; fds that came with

@@ -126,5 +126,5 @@ class SimLine:
 
     def counters(self) -> dict[str, int | bool]:
         return {"raised": self.raised, "acked": self.acked, "fires": self.fires,
-                "unmasks": self.unmasks, "pending": self.pending, "queued": self.queued, "asserted": self.asserted,
-                "masked": self.masked, "enabled": self.enabled}
+                "unmasks": self.unmasks, "pending": self.pending, "queued": self.queued,
+                "asserted": self.asserted, "masked": self.masked, "enabled": self.enabled}

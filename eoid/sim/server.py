@@ -348,8 +348,8 @@ class SimServer:
                     "loading": self.loading, "lines": self.stats()}
         if op in ("heal", "quiesce"):  # stop misbehaving; quiesce also stops the load
             self.loading = self.loading and op == "heal"
-            for line in self.lines.values():
-                line.stuck = False
+            for sim_line in self.lines.values():
+                sim_line.stuck = False
             for guest in self.guests.values():
                 guest.heal()
             return {"ok": True}
