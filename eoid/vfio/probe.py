@@ -81,6 +81,7 @@ class DeviceReport:
             "vfio_cdev": fn.vfio_cdev,
             "interrupt_pin": fn.pin_name,
             "irq": self.line.irq,
+            "irq_assigned": self.line.assigned,
             "line_shared": self.line.shared,
             "line_handlers": list(self.line.handlers),
             "line_wired_with": [{"pci_address": p.address, "driver": p.driver}
@@ -124,6 +125,9 @@ def _assess(fn: sysfs.PciFunction, dev_root: Path, sysfs_root: Path,
         problems.append(f"{fn.address} is an SR-IOV virtual function: VFs have no INTx")
     disintx = sysfs.disintx_support(fn)
     line = sysfs.host_line(fn, sysfs_root, proc_root)
+    if fn.interrupt_pin and not line.assigned:
+        warnings.append(f"the host IRQ is not routed yet (sysfs shows {line.irq}, provisional):"
+                        " it is known once the device is enabled, e.g. opened by eoid")
     if line.shared and disintx.supported is not True:
         others = ", ".join([*line.handlers, *(p.address for p in line.wired_with)])
         warnings.append(
@@ -156,16 +160,21 @@ def render_devices(reports: list[DeviceReport]) -> str:
     rows = [header]
     for r in reports:
         fn = r.function
-        line = "-" if r.line.irq is None else (
-            f"shared ({len(r.line.handlers) + len(r.line.wired_with)})" if r.line.shared
-            else "exclusive")
+        if r.line.irq is None:
+            line = "-"
+        elif not r.line.assigned:
+            line = "not routed yet"
+        elif r.line.shared:
+            line = f"shared ({len(r.line.handlers) + len(r.line.wired_with)})"
+        else:
+            line = "exclusive"
         rows.append((
             r.address,
             f"{fn.vendor or 0:04x}:{fn.device or 0:04x}",
             fn.driver or "-",
             "-" if fn.iommu_group is None else str(fn.iommu_group),
             fn.pin_name,
-            "-" if r.line.irq is None else str(r.line.irq),
+            "-" if r.line.irq is None else f"{r.line.irq}{'' if r.line.assigned else '?'}",
             line,
             {True: "yes", False: "no", None: "unknown"}[r.disintx.supported],
             "ready" if r.ready else "not ready",

@@ -80,6 +80,7 @@ class PciFunction:
     is_pcie: bool | None
     is_virtfn: bool
     uses_msi: bool  # MSI/MSI-X vectors are allocated right now
+    enabled: bool  # pci_enable_device'd now (a driver or vfio-pci has it open)
 
     @property
     def bound_to_vfio(self) -> bool:
@@ -182,6 +183,7 @@ def read_pci_function(address: str, sysfs_root: Path = Path("/sys")) -> PciFunct
         is_pcie=is_pcie,
         is_virtfn=(dev / "physfn").exists(),
         uses_msi=uses_msi,
+        enabled=bool(_read_int(dev / "enable")),
     )
 
 
@@ -227,11 +229,18 @@ def disintx_support(fn: PciFunction) -> DisIntx:
 
 @dataclass(frozen=True)
 class HostLine:
-    """The host IRQ behind a function's INTx pin and who else is on it."""
+    """The host IRQ behind a function's INTx pin and who else is on it.
+
+    The kernel routes a function's pin to its IRQ (ACPI _PRT) when the function
+    is first enabled; before that sysfs shows the firmware's provisional line
+    (e.g. 10 where the real one becomes GSI 20), so nothing is claimed about
+    sharing until ``assigned``.
+    """
 
     irq: int | None
-    handlers: tuple[str, ...]  # other actions registered on it now (/proc/interrupts)
-    wired_with: tuple[Peer, ...]  # other PCI functions routed to the same IRQ, not on MSI
+    assigned: bool
+    handlers: tuple[str, ...] = ()  # other actions registered on it now (/proc/interrupts)
+    wired_with: tuple[Peer, ...] = ()  # other enabled functions routed to it, not on MSI
 
     @property
     def shared(self) -> bool:
@@ -265,8 +274,8 @@ def vfio_intx_action(address: str) -> str:
 
 def host_line(fn: PciFunction, sysfs_root: Path = Path("/sys"),
               proc_root: Path = Path("/proc")) -> HostLine:
-    if not fn.interrupt_pin or not fn.irq:
-        return HostLine(fn.irq, (), ())
+    if not fn.interrupt_pin or not fn.irq or not fn.enabled:
+        return HostLine(fn.irq, assigned=False)
     try:
         actions = parse_proc_interrupts((proc_root / "interrupts").read_text()).get(fn.irq, ())
     except OSError:
@@ -283,9 +292,9 @@ def host_line(fn: PciFunction, sysfs_root: Path = Path("/sys"),
         if _read_int(dev / "irq") != fn.irq:
             continue
         peer = read_pci_function(other, sysfs_root)
-        if peer.interrupt_pin and not peer.uses_msi:
+        if peer.interrupt_pin and peer.enabled and not peer.uses_msi:
             wired.append(Peer(other, peer.driver))
-    return HostLine(fn.irq, handlers, tuple(wired))
+    return HostLine(fn.irq, True, handlers, tuple(wired))
 
 
 def physical_command(address: str, sysfs_root: Path = Path("/sys")) -> int | None:

@@ -83,6 +83,7 @@ class FakeFunction:
     reset_works: bool = False
     msi_irqs: int = 0  # > 0: uses MSI/MSI-X (sysfs msi_irqs/)
     cdev: int | None = None  # N of /dev/vfio/devices/vfioN when the host has iommufd
+    enabled: bool = True  # sysfs "enable": the kernel has routed its IRQ
 
     # physical state
     level: bool = False
@@ -803,6 +804,7 @@ def write_sysfs(root: Path, functions: Iterable[FakeFunction], *, iommufd: bool 
         (dev / "device").write_text(f"0x{fn.device_id:04x}\n")
         (dev / "class").write_text(f"0x{fn.class_code:06x}\n")
         (dev / "irq").write_text(f"{fn.irq}\n")
+        (dev / "enable").write_text("1\n" if fn.enabled else "0\n")
         (dev / "config").write_bytes(bytes(fn.config_bytes(virtual=False)))
         (dev / "driver_override").write_text("(null)\n")
         for name in ("driver", "iommu_group", "physfn"):

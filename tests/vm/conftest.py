@@ -8,7 +8,7 @@ reason. Inside the guest a missing edu or vfio module is a failure, not a skip.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 
 import pytest
@@ -51,7 +51,23 @@ def edu_b(edus: list[str]) -> Iterator[Edu]:
     yield from _opened(edus[1], "edu1")
 
 
-def _opened(address: str, name: str) -> Iterator[Edu]:
+SHARED_PAIR = ("0000:00:10.0", "0000:00:14.0")  # q35: INTA# of slots 0x10 and 0x14 → one GSI
+
+
+@pytest.fixture
+def shared_pair(edus: list[str]) -> Iterator[tuple[Edu, Edu]]:
+    """Two edus whose INTx lines the host routes to the same IRQ."""
+    assert set(SHARED_PAIR) <= set(edus), f"run-vfio-tests puts edu at slots 10 and 14: {edus}"
+    first = _opened(SHARED_PAIR[0], "edu0")
+    second = _opened(SHARED_PAIR[1], "edu2")
+    try:
+        yield next(first), next(second)
+    finally:
+        first.close()
+        second.close()
+
+
+def _opened(address: str, name: str) -> Generator[Edu, None, None]:
     bind_vfio(address)
     device = open_vfio_device(name, address)
     try:

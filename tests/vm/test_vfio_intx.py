@@ -228,6 +228,42 @@ def test_two_devices_are_independent(edu: Edu, edu_b: Edu) -> None:
         os.close(tb)
 
 
+def test_two_devices_sharing_one_host_irq(shared_pair: tuple[Edu, Edu]) -> None:
+    """E5: DisINTx devices share a host line; vfio-pci asks each device if it is asserting."""
+    a, c = shared_pair
+    ta, tc = os.eventfd(0, os.EFD_NONBLOCK), os.eventfd(0, os.EFD_NONBLOCK)
+    try:
+        a.device.enable(ta)
+        c.device.enable(tc)
+        assert read_pci_function(a.address).irq == read_pci_function(c.address).irq
+        assert (a.device.intx_masking, c.device.intx_masking) == ("disintx", "disintx")
+        c.raise_irq()
+        assert wait_fd(tc, WAIT) == 1
+        assert wait_fd(ta, QUIET) is None
+        a.raise_irq()  # c still masked and asserted; a is told separately
+        assert wait_fd(ta, WAIT) == 1
+        c.ack()
+        c.device.unmask()
+        assert wait_fd(tc, QUIET) is None
+        a.ack()
+        a.device.unmask()
+        for _ in range(50):  # interleaved round trips on the shared line
+            a.raise_irq()
+            c.raise_irq()
+            assert (wait_fd(ta, WAIT), wait_fd(tc, WAIT)) == (1, 1)
+            a.ack()
+            c.ack()
+            a.device.unmask()
+            c.device.unmask()
+        assert wait_fd(ta, QUIET) is None
+        assert wait_fd(tc, 0) is None
+    finally:
+        os.close(ta)
+        os.close(tc)
+        a.device.close()
+        c.device.close()
+
+
 def test_adopt_held_fds_like_a_restarted_daemon(edu: Edu, trigger: int) -> None:
     """E15: the kernel state survives in the fds; a new owner picks up the pending line."""
     old = edu.device

@@ -27,35 +27,54 @@ def test_list_devices_reports_each_edu_as_it_is(edus: list[str]) -> None:
         assert fn.driver == "vfio-pci"
         assert fn.iommu_group == group
         assert report.group_node == f"/dev/vfio/{group}"
-        assert Path(f"/dev/vfio/{group}").exists()
         assert fn.pin_name == "INTA#"
         assert fn.is_pcie is False  # edu is a conventional PCI device
-        assert report.line.irq == _sysfs_irq(address)
         assert report.disintx.supported is None  # not discoverable from sysfs for PCI
+        # nobody has it open: not enabled, so its IRQ is the firmware's provisional one
+        assert not fn.enabled
+        assert not report.line.assigned
+        assert report.line.irq == _sysfs_irq(address)
+        assert any("not routed yet" in w for w in report.warnings)
         assert report.ready
         assert report.problems == ()
         assert f'pci_address: "{address}"' in report.yaml_snippet()
-    a, b = edus[:2]
-    if _sysfs_irq(a) == _sysfs_irq(b):  # q35 routes both slots to one GSI
-        assert b in [p.address for p in reports[a].line.wired_with]
-        assert reports[a].line.shared
-        assert reports[a].warnings
     text = render_devices(list(reports.values()))
     for address in edus:
         assert address in text
 
 
-def test_host_line_sees_the_other_devices_vfio_handler(edus: list[str], edu: Edu,
-                                                       trigger: int) -> None:
-    other = edus[1]
-    if _sysfs_irq(edu.address) != _sysfs_irq(other):
-        pytest.fail("the guest was expected to route both edu devices to one IRQ")
+def test_an_open_device_shows_its_routed_line(edu: Edu, trigger: int) -> None:
     edu.device.enable(trigger)
-    interrupts = Path("/proc/interrupts").read_text()
-    assert vfio_intx_action(edu.address) in interrupts
-    line = host_line(read_pci_function(other))
-    assert vfio_intx_action(edu.address) in line.handlers
-    assert line.shared
+    report = next(r for r in list_devices() if r.address == edu.address)
+    assert report.function.enabled
+    assert report.line.assigned
+    assert report.line.irq == _sysfs_irq(edu.address)
+    line = next(x for x in Path("/proc/interrupts").read_text().splitlines()
+                if x.split(":")[0].strip() == str(report.line.irq))
+    assert vfio_intx_action(edu.address) in line
+    assert vfio_intx_action(edu.address) not in report.line.handlers  # ours, not a sharer
+    assert not any("not routed yet" in w for w in report.warnings)
+
+
+def test_host_line_of_two_devices_on_one_gsi(shared_pair: tuple[Edu, Edu]) -> None:
+    a, c = shared_pair
+    ta, tc = os.eventfd(0, os.EFD_NONBLOCK), os.eventfd(0, os.EFD_NONBLOCK)
+    try:
+        a.device.enable(ta)
+        c.device.enable(tc)
+        line = host_line(read_pci_function(a.address))
+        assert line.assigned
+        assert line.irq == _sysfs_irq(c.address)
+        assert line.handlers == (vfio_intx_action(c.address),)
+        assert [p.address for p in line.wired_with] == [c.address]
+        assert line.shared
+        report = next(r for r in list_devices() if r.address == a.address)
+        assert any("is shared" in w for w in report.warnings)
+    finally:
+        a.device.disable()
+        c.device.disable()
+        os.close(ta)
+        os.close(tc)
 
 
 def test_probe_of_a_free_edu_finds_nothing_wrong(edus: list[str]) -> None:
