@@ -12,7 +12,8 @@ container.c, device_cdev.c, pci/vfio_pci_core.c, pci/vfio_pci_intrs.c):
   ``ATTACH_IOMMUFD_PT``; device ioctls before bind fail ``EINVAL``;
 - INTx: enable/disable, auto-mask on assertion, unmask that re-fires while the
   line is still asserted, mask, loopback, guest DisINTx (``virq_disabled``),
-  the VMM switching to MSI (unmask then fails ``EINVAL``);
+  the VMM switching to MSI (unmask then fails ``EINVAL``), and ``EBUSY`` when a
+  device without DisINTx needs a host IRQ someone else holds (or vice versa);
 - ERR (PCIe only) and REQ triggers; a host unbind request signals REQ and
   completes when the last file of the device is closed;
 - reset; config space and an ``edu``-like BAR0 (0x60 raises, 0x64 acks) so the
@@ -289,6 +290,8 @@ class FakeVfio:
         self._next_ioas = 1
         self.calls: list[str] = []  # ioctl names, in order, for tests
         self._sysfs_root: Path | None = None
+        # host drivers' handlers on IRQ lines, as /proc/interrupts names them
+        self.irq_handlers: dict[int, list[str]] = {}
 
     # --- building the host --------------------------------------------------------
 
@@ -348,7 +351,7 @@ class FakeVfio:
         write_sysfs(sysfs_root, self.functions.values(), iommufd=self.iommufd)
         self._sysfs_root = sysfs_root
         if proc_root is not None:
-            write_proc_interrupts(proc_root, self.functions.values())
+            write_proc_interrupts(proc_root, self.functions.values(), self.irq_handlers)
         root = self.dev_root if dev_root is None else dev_root
         vfio = root / "vfio"
         vfio.mkdir(parents=True, exist_ok=True)
@@ -691,8 +694,13 @@ class FakeVfio:
                 trigger = _take_eventfd(fd) if fd >= 0 else None
                 if is_intx:
                     fn._set_trigger(trigger)
-                else:
+                    return
+                try:
+                    self._request_irq(fn)
                     fn.intx_enable(trigger)
+                except OSError:
+                    fn._drop(trigger)
+                    raise
                 return
             if not is_intx:
                 raise _oserror(errno.EINVAL)
@@ -732,6 +740,14 @@ class FakeVfio:
             setattr(fn, attr, new)
         elif (data_flags == IrqSetFlag.DATA_NONE or data[0]) and current is not None:
             os.eventfd_write(current, 1)
+
+    def _request_irq(self, fn: FakeFunction) -> None:
+        """``request_irq``: shared (IRQF_SHARED) only for DisINTx-capable devices."""
+        others = [f for f in self.functions.values()
+                  if f is not fn and f.irq == fn.irq and f.irq_type == "intx"]
+        foreign = self.irq_handlers.get(fn.irq, [])
+        if (not fn.pci_2_3 and (others or foreign)) or any(not o.pci_2_3 for o in others):
+            raise _oserror(errno.EBUSY, f"genirq: Flags mismatch irq {fn.irq}")
 
     def device_reset(self, device: int) -> None:
         self.calls.append("DEVICE_RESET")
