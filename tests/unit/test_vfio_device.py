@@ -275,8 +275,8 @@ def test_enable_picks_up_an_interrupt_already_asserted(host: Host, trigger: int)
 
 
 def test_intx_masking_is_detected(tmp_path: Path, trigger: int) -> None:
-    host = make_host(tmp_path, FakeFunction(EDU, 3), FakeFunction("0000:00:11.0", 4,
-                                                                   pci_2_3=False))
+    host = make_host(tmp_path, FakeFunction(EDU, 3),
+                     FakeFunction("0000:00:11.0", 4, pci_2_3=False, irq=11))
     a, b = host.open(), host.open("0000:00:11.0", name="b")
     assert a.intx_masking == "unknown"
     a.enable(trigger)
@@ -286,6 +286,18 @@ def test_intx_masking_is_detected(tmp_path: Path, trigger: int) -> None:
     assert b.info.detail["intx_masking"] == "irqchip"
     a.close()
     b.close()
+
+
+def test_shared_line_without_disintx_fails_to_enable_with_advice(
+        tmp_path: Path, trigger: int) -> None:
+    host = make_host(tmp_path, FakeFunction(EDU, 3, pci_2_3=False, irq=20))
+    host.api.irq_handlers[20] = ["ahci[0000:00:1f.2]"]
+    device = host.open()
+    with pytest.raises(VfioError, match="needs an exclusive line") as exc:
+        device.enable(trigger)
+    assert (exc.value.op, exc.value.errno) == ("enable INTx", errno.EBUSY)
+    device.close()
+    assert host.api.open_fds() == []
 
 
 def test_unmask_after_the_vmm_switched_to_msi_is_a_countable_error(
