@@ -38,7 +38,8 @@ EOI_TIMEOUT = 32  # an EOI deadline passed: log it
 class Channel:
     """State of one INTx line as eoid sees it; see the module docstring."""
 
-    __slots__ = ("_backoff", "_episode", "_last_throttle", "_refilled", "_tokens", "attached",
+    __slots__ = ("_adopting", "_backoff", "_episode", "_last_throttle", "_refilled", "_tokens",
+                 "attached",
                  "pending_since", "policy", "state", "stats", "stuck", "timer_at")
 
     def __init__(self, policy: Policy, stats: DeviceStats | None = None) -> None:
@@ -54,6 +55,7 @@ class Channel:
         self._backoff = policy.storm.backoff_initial
         self._episode = False
         self._last_throttle = 0
+        self._adopting = False  # taken over from a previous eoid; see ``adopt``
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -63,6 +65,30 @@ class Channel:
         self._refilled = now
         self.timer_at = None
         self.stuck = False
+        return TIMER
+
+    def adopt(self, triggers: int, eois: int, now: int) -> int:
+        """Take over a line that a previous eoid process left enabled (E15).
+
+        ``triggers`` and ``eois`` are what the eventfds accumulated meanwhile. A trigger
+        means the line was armed and fired: deliver it (an EOI beside it cannot be for
+        it, the consumer never saw it). An EOI alone ended the interrupt that was pending:
+        unmask. Neither: the consumer may still be servicing an interrupt we forwarded
+        before the restart, so wait for its EOI as if pending, and if none comes within
+        ``eoi_timeout``, unmask anyway: an unmask of an unmasked line is a no-op."""
+        self.enable(now)
+        stats = self.stats
+        if triggers:
+            stats.eois += eois
+            stats.spurious_eois += eois
+            return self.trigger(triggers, now)
+        if eois:
+            stats.eois += eois
+            return UNMASK | TIMER
+        self.state = State.PENDING
+        self.pending_since = now
+        self.timer_at = now + self.policy.eoi_timeout
+        self._adopting = True
         return TIMER
 
     def disable(self) -> int:
@@ -91,6 +117,7 @@ class Channel:
             return 0  # DOWN: a stale signal; HELD: already waiting for a consumer
         self.pending_since = now
         self.stuck = False
+        self._adopting = False
         if not self.attached:
             self.state = State.HELD
             self.timer_at = None
@@ -108,7 +135,10 @@ class Channel:
             if self.state == State.ARMED and self.policy.unmask_on_spurious:
                 return UNMASK
             return 0
-        stats.service.observe(now - self.pending_since)
+        if self._adopting:
+            self._adopting = False  # not an interrupt we timed: no service time
+        else:
+            stats.service.observe(now - self.pending_since)
         self.stuck = False
         if self._take_token(now):
             self.state = State.ARMED
@@ -132,6 +162,10 @@ class Channel:
             return UNMASK | TIMER
         if self.state != State.PENDING:
             return TIMER
+        if self._adopting:
+            self._adopting = False
+            self.state = State.ARMED
+            return UNMASK | TIMER
         self.stats.eoi_timeouts += 1
         action = self.policy.on_eoi_timeout
         if action == EoiTimeoutPolicy.UNMASK:
@@ -158,6 +192,11 @@ class Channel:
         self.attached = False
         if self.state != State.PENDING:
             return 0
+        if self._adopting:  # nothing known to be pending: no consumer can still owe an EOI
+            self._adopting = False
+            self.state = State.ARMED
+            self.timer_at = None
+            return UNMASK | TIMER
         self.state = State.HELD
         self.timer_at = None
         self.stuck = False
@@ -199,3 +238,8 @@ class Channel:
     @property
     def in_storm(self) -> bool:
         return self._episode
+
+    @property
+    def adopting(self) -> bool:
+        """Taken over after a restart, and not yet known whether an interrupt is pending."""
+        return self._adopting

@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the daemon serves /metrics (default 127.0.0.1:9466)")
     p.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop")
     p.add_argument("--json", action="store_true", help="print one JSON summary at the end")
+    p.add_argument("--kill-daemon-every", type=float, default=None, metavar="S",
+                   help="play systemd: SIGKILL the daemon every S seconds and restart it "
+                   "with its fd store; nothing may be lost and no guest may re-attach")
     p.add_argument("--keep", type=Path, default=None, metavar="DIR",
                    help="write the generated config and logs to DIR and keep them")
     _misbehaviour_args(p)

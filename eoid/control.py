@@ -125,15 +125,23 @@ class ControlServer:
         sock.listen(64)
         return sock
 
-    def close(self, unlink: bool = True) -> None:
+    def close(self, handover: bool = False) -> None:
+        """Stop serving. A handover leaves the socket file and tells the daemon of no
+        closed peers: their connections live on in the fd store for the successor."""
         for peer in list(self.peers):
-            self._drop(peer)
+            if handover:
+                self.peers.discard(peer)
+                with contextlib.suppress(ValueError, OSError):
+                    self.loop.remove_reader(peer.sock.fileno())
+                peer.sock.close()
+            else:
+                self._drop(peer)
         if self.sock is not None:
             with contextlib.suppress(ValueError, OSError):
                 self.loop.remove_reader(self.sock.fileno())
             self.sock.close()
             self.sock = None
-            if unlink:
+            if not handover:
                 with contextlib.suppress(FileNotFoundError):
                     self.config.socket.unlink()
 

@@ -4,6 +4,10 @@ Lifecycle: ``startup`` (bind the control socket, start the exporter, open and ar
 device) → serve until SIGTERM/SIGINT, reloading on SIGHUP → ``shutdown`` (triggers
 disabled, consumers told, socket removed). A device that fails to open or goes away is
 reported and retried with a backoff; it never takes the daemon or another device down.
+
+Under systemd, everything a successor needs is parked in the fd store (``eoid.fdstore``)
+and a stop is a *handover*: devices stay enabled and consumers stay connected, so a
+restart (or a crash) loses no interrupt and no consumer notices it.
 """
 
 from __future__ import annotations
@@ -22,14 +26,16 @@ from eoid import __version__
 from eoid.config import Config, DaemonConfig, DeviceConfig, load_config
 from eoid.control import ControlServer, Peer
 from eoid.device import IntxDevice
-from eoid.errors import ConfigError, DeviceError, EoidError, ProtocolError
+from eoid.errors import ConfigError, EoidError, ProtocolError
+from eoid.fdstore import EVENTFD_ROLES, Adopted, FdStore, device_fd_name
 from eoid.metrics import DaemonMetrics, DeviceView, Exporter, build_registry
 from eoid.runner import DeviceRunner
+from eoid.stats import DeviceStats
+from eoid.systemd import Notifier, watchdog_interval
 
 REOPEN_INITIAL = 1.0
 REOPEN_MAX = 30.0
-
-Notify = Callable[[str], None]
+EXTEND_EVERY = 5.0  # seconds of start-up between EXTEND_TIMEOUT_USEC messages
 
 
 def open_backend(device: DeviceConfig, daemon: DaemonConfig) -> IntxDevice:
@@ -46,6 +52,21 @@ def open_backend(device: DeviceConfig, daemon: DaemonConfig) -> IntxDevice:
                             request_irqs=backend.register_request_irqs)
 
 
+def adopt_backend(device: DeviceConfig, daemon: DaemonConfig, fds: dict[str, int],
+                  ) -> IntxDevice:
+    """Rebuild a backend from the fds a previous eoid parked in the fd store."""
+    backend = device.backend
+    if backend.type == "sim":
+        from eoid.sim.backend import SimDevice
+
+        return SimDevice(device.name, backend.line or device.name,
+                         backend.socket or daemon.sim.socket, device.pci_address, adopt=fds)
+    from eoid.vfio.device import VfioDevice
+
+    return VfioDevice.adopt(device.name, device.pci_address, fds,
+                            request_irqs=backend.register_request_irqs)
+
+
 def _needs_reopen(old: DeviceConfig, new: DeviceConfig) -> bool:
     """Backend or address changes need a new device; policy and consumers apply in place."""
     return old.backend != new.backend or old.pci_address != new.pci_address
@@ -54,12 +75,12 @@ def _needs_reopen(old: DeviceConfig, new: DeviceConfig) -> bool:
 class Daemon:
     """One eoid process; see the module docstring."""
 
-    def __init__(self, config: Config, notify: Notify | None = None,
-                 open_device: Callable[[DeviceConfig, DaemonConfig], IntxDevice] = open_backend,
-                 ) -> None:
+    def __init__(self, config: Config, notifier: Notifier | None = None,
+                 adopted: Adopted | None = None) -> None:
         self.config = config
-        self.notify: Notify = notify or (lambda _state: None)
-        self.open_device = open_device
+        self.notifier = notifier or Notifier(None)
+        self.adopted = adopted or Adopted()
+        self.store = FdStore(self.notifier, self.adopted.state_fd)
         self.runners: dict[str, DeviceRunner] = {}
         self.metrics = DaemonMetrics()
         self.exporter: Exporter | None = None
@@ -67,9 +88,19 @@ class Daemon:
         self.started = time.monotonic()
         self._reopen: dict[str, asyncio.TimerHandle] = {}  # down devices' next open attempt
         self._backoff: dict[str, float] = {}
+        self._peer_names: dict[Peer, str] = {}  # consumers whose connection is in the store
+        self._next_peer = 1
         self._stop: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._watchdog: asyncio.TimerHandle | None = None
         self._log = structlog.get_logger("eoid")
+
+    def notify(self, state: str) -> None:
+        """Tell systemd; a manager that cannot be told must not stop the interrupts."""
+        try:
+            self.notifier.send(state)
+        except (OSError, EoidError) as e:
+            self._log.warning("sd_notify failed", error=str(e))
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -92,7 +123,12 @@ class Daemon:
         self._stop = asyncio.Event()
         self.metrics.loop = self._loop
         self.control = ControlServer(self.config.daemon.control, self, self._loop)
-        self.control.listen()
+        listener = self.control.listen(self.adopted.control)
+        self.store.put("control", listener.fileno())
+        for name, sock in sorted(self.adopted.peers.items()):
+            self._peer_names[self.control.adopt_peer(sock)] = name
+            self._next_peer = max(self._next_peer, int(name.split(".")[1]) + 1)
+        self.adopted.peers.clear()
         address = self.config.daemon.metrics.address()
         if address is not None:
             try:
@@ -101,13 +137,23 @@ class Daemon:
                 self.control.close()
                 raise EoidError(f"cannot serve metrics on {self.config.daemon.metrics.listen}: "
                                 f"{e.strerror}") from e
+        begun = time.monotonic()
         for device in self.config.devices.values():
             self._add(device)
+            if time.monotonic() - begun > EXTEND_EVERY:  # many slow devices: keep systemd patient
+                self.notify(f"EXTEND_TIMEOUT_USEC={int(2 * EXTEND_EVERY * 1e6)}")
+                begun = time.monotonic()
+        for name in self.adopted.close_rest():
+            self._forget_fds(name)
+        self._save_state()
         self.metrics.last_reload_success = time.time()
         for sig, handler in ((signal.SIGTERM, self.stop), (signal.SIGINT, self.stop),
                              (signal.SIGHUP, self.reload)):
             self._loop.add_signal_handler(sig, handler)
         self.notify("READY=1\n" + self._status_line())
+        interval = watchdog_interval()
+        if interval is not None:
+            self._pet_watchdog(interval / 2)
         self._log.info("eoid ready", version=__version__, devices=len(self.runners),
                        up=sum(r.up for r in self.runners.values()),
                        control=str(self.config.daemon.control.socket),
@@ -117,24 +163,38 @@ class Daemon:
         if self._stop is not None:
             self._stop.set()
 
+    def _pet_watchdog(self, every: float) -> None:
+        """WATCHDOG=1 from the loop itself: a wedged loop stops petting and is restarted."""
+        self.notify("WATCHDOG=1\n" + self._status_line())
+        self._watchdog = self.loop.call_later(every, self._pet_watchdog, every)
+
     def shutdown(self) -> None:
+        """Stop serving. Under systemd with an fd store this is a handover: devices stay
+        enabled and consumers connected in the store's copies, for the next eoid."""
+        handover = self.store.enabled
         self.notify("STOPPING=1")
-        self._log.info("eoid stopping")
+        self._log.info("eoid stopping", handover=handover)
         loop = self._loop
         if loop is not None and not loop.is_closed():
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         for handle in self._reopen.values():
             handle.cancel()
         self._reopen.clear()
-        if self.control is not None:
+        if handover:
+            self._save_state(with_stats=True)
+            for runner in self.runners.values():
+                runner.stop("handed over", release=False)
+        elif self.control is not None:
             for peer in list(self.control.peers):
                 peer.notify({"event": "shutdown"})
         for runner in self.runners.values():
             runner.close()
         self.runners.clear()
         if self.control is not None:
-            self.control.close()
+            self.control.close(handover)
         if self.exporter is not None:
             self.exporter.close()
             self.exporter = None
@@ -143,25 +203,55 @@ class Daemon:
     # --- devices -----------------------------------------------------------------------
 
     def _add(self, device: DeviceConfig) -> None:
-        runner = DeviceRunner(device, self.loop, self._device_down)
+        fds = self.adopted.take_device(device.name)
+        if fds is None:
+            runner = DeviceRunner(device, self.loop, self._device_down)
+            for role, fd in runner.eventfds.items():
+                self.store.put(device_fd_name(device.name, role), fd)
+        else:
+            eventfds = {role: fds.pop(role) for role in EVENTFD_ROLES}
+            stats = DeviceStats()
+            stats.restore(self.adopted.state.get("devices", {}).get(device.name, {})
+                          .get("stats", {}))
+            runner = DeviceRunner(device, self.loop, self._device_down, eventfds, stats)
+            self._adopt_consumer(runner)
         self.runners[device.name] = runner
+        if fds:
+            try:
+                runner.start(adopt_backend(device, self.config.daemon, fds), adopted=True)
+                return
+            except EoidError as e:  # the parked device is unusable: open it afresh
+                self._log.warning("cannot adopt device; reopening", device=device.name,
+                                  error=str(e))
         self._open(runner)
+
+    def _adopt_consumer(self, runner: DeviceRunner) -> None:
+        wanted = self.adopted.state.get("devices", {}).get(runner.name, {}).get("peer")
+        for peer, name in self._peer_names.items():
+            if name == wanted:
+                runner.consumer = peer
+                peer.attached.add(runner.name)
 
     def _open(self, runner: DeviceRunner) -> bool:
         pending = self._reopen.pop(runner.name, None)
         if pending is not None:
             pending.cancel()
         try:
-            runner.start(self.open_device(runner.config, self.config.daemon))
+            device = open_backend(runner.config, self.config.daemon)
+            runner.start(device)
         except EoidError as e:
             runner.down_reason = str(e)
             self._log.warning("device not available", device=runner.name, error=str(e))
             self._schedule_reopen(runner)
             return False
         self._backoff.pop(runner.name, None)
+        for role, fd in device.held_fds().items():
+            self.store.put(device_fd_name(runner.name, role), fd)
         return True
 
-    def _device_down(self, runner: DeviceRunner, reason: str) -> None:
+    def _device_down(self, runner: DeviceRunner, reason: str, held: list[str]) -> None:
+        for role in held:
+            self.store.remove(device_fd_name(runner.name, role))
         self._schedule_reopen(runner)
 
     def _schedule_reopen(self, runner: DeviceRunner) -> None:
@@ -180,7 +270,15 @@ class Daemon:
         if pending is not None:
             pending.cancel()
         self._backoff.pop(name, None)
-        self.runners.pop(name).close()
+        runner = self.runners.pop(name)
+        held = list(runner.device.held_fds()) if runner.device is not None else []
+        runner.close()
+        self._forget_fds(name, held)
+        self._save_state()
+
+    def _forget_fds(self, name: str, held: Iterable[str] = ()) -> None:
+        for role in (*EVENTFD_ROLES, *held):
+            self.store.remove(device_fd_name(name, role))
 
     # --- reload --------------------------------------------------------------------------
 
@@ -233,6 +331,11 @@ class Daemon:
     def attach(self, peer: Peer, device: str) -> tuple[dict[str, Any], list[int]]:
         runner = self._runner(device)
         fds = runner.attach(peer)
+        if peer not in self._peer_names:  # keep the connection across a restart
+            self._peer_names[peer] = name = f"peer.{self._next_peer}"
+            self._next_peer += 1
+            self.store.put(name, peer.sock.fileno())
+        self._save_state()
         names = ["irq", "eoi"]
         backend = runner.config.backend
         if backend.type == "vfio" and backend.share_device_fd and runner.device is not None:
@@ -244,12 +347,31 @@ class Daemon:
 
     def detach(self, peer: Peer, device: str) -> None:
         self._runner(device).detach(peer)
+        self._save_state()
 
     def peer_closed(self, peer: Peer) -> None:
         for name in list(peer.attached):
             runner = self.runners.get(name)
             if runner is not None and runner.consumer is peer:
                 runner.detach(peer)
+        stored = self._peer_names.pop(peer, None)
+        if stored is not None:
+            self.store.remove(stored)
+            self._save_state()
+
+    def _save_state(self, with_stats: bool = False) -> None:
+        """The restart record: who holds which device (and, at a handover, the counters)."""
+        devices: dict[str, Any] = {}
+        for name, runner in self.runners.items():
+            entry: dict[str, Any] = {"peer": self._peer_names.get(runner.consumer)
+                                     if runner.consumer else None}
+            if with_stats:
+                entry["stats"] = runner.stats.to_dict()
+            devices[name] = entry
+        try:
+            self.store.save_state({"pid": os.getpid(), "devices": devices})
+        except EoidError as e:
+            self._log.warning("restart record not saved", error=str(e))
 
     def status(self) -> dict[str, Any]:
         return {"daemon": {"pid": os.getpid(), "version": __version__,
@@ -277,18 +399,18 @@ class Daemon:
         return f"STATUS={up}/{len(self.runners)} devices up"
 
 
-def run_daemon(config: Config, notify: Notify | None = None) -> None:
-    """Run the daemon on the event loop the configuration asks for."""
+def run_daemon(config: Config) -> None:
+    """Run the daemon on the event loop the configuration asks for, under systemd or not."""
     from eoid.config import LoopKind
+    from eoid.fdstore import adopt
 
     factory: Callable[[], asyncio.AbstractEventLoop] | None = None
     if config.daemon.loop is LoopKind.UVLOOP:
         import uvloop
 
         factory = uvloop.new_event_loop
+    notifier = Notifier.from_environ(unset=True)
+    adopted = adopt()
     with asyncio.Runner(loop_factory=factory) as runner, \
             contextlib.suppress(asyncio.CancelledError):
-        runner.run(Daemon(config, notify).run())
-
-
-__all__ = ["Daemon", "DeviceError", "run_daemon"]
+        runner.run(Daemon(config, notifier, adopted).run())

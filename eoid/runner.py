@@ -40,7 +40,7 @@ class DeviceRunner:
     """Runs one device's INTx loop on the event loop; see the module docstring."""
 
     def __init__(self, config: DeviceConfig, loop: asyncio.AbstractEventLoop,
-                 on_down: Callable[[DeviceRunner, str], None],
+                 on_down: Callable[[DeviceRunner, str, list[str]], None],
                  eventfds: dict[str, int] | None = None, stats: DeviceStats | None = None) -> None:
         self.config = config
         self.name = config.name
@@ -77,24 +77,21 @@ class DeviceRunner:
         self.loop.add_reader(self.eoi_fd, self._on_eoi)
         for fd in device.event_fds():
             self.loop.add_reader(fd, self._on_device_event, fd)
-        try:
-            if not adopted:
-                device.enable(self.trigger_fd)
-        except DeviceError as e:
-            self.stats.errors["enable"] += 1
-            self.stop(f"enable failed: {e}")
-            raise
-        self.channel.enable(time.monotonic_ns())
+        self.channel.attached = self.consumer is not None
+        now = time.monotonic_ns()
         if adopted:
-            # While no eoid ran, the line may have fired (count waiting in trigger) and the
-            # consumer may have sent an EOI. Read both, then unmask once: an unmask of an
-            # unmasked line is a no-op, and a still-asserted line fires again (E15).
-            self._on_trigger()
-            self._on_eoi()
-            if self.channel.state == State.ARMED:
-                self._unmask(time.monotonic_ns())
-        if self.consumer is not None:
-            self._act(self.channel.attach(time.monotonic_ns()), time.monotonic_ns())
+            # While no eoid ran, the line may have fired and the consumer may have sent
+            # an EOI: the channel decides from both counts what is owed (E15).
+            self._act(self.channel.adopt(drain(self.trigger_fd), drain(self.eoi_fd), now), now)
+        else:
+            try:
+                device.enable(self.trigger_fd)
+            except DeviceError as e:
+                self.stats.errors["enable"] += 1
+                self.stop(f"enable failed: {e}")
+                raise
+            self.channel.enable(now)
+            self._act(self.channel.attach(now) if self.consumer else 0, now)
         self._log.info("device armed", backend=device.info.backend,
                        pci_address=device.info.pci_address, adopted=adopted)
 
@@ -290,8 +287,9 @@ class DeviceRunner:
         reason = ("the host asked for the device back (unbind or hot-unplug)"
                   if event is DeviceEvent.REQUEST else "the device went away")
         self._log.warning("device released", reason=reason)
+        held = list(device.held_fds())
         self.stop(reason)
-        self.on_down(self, reason)
+        self.on_down(self, reason, held)
 
     def status(self) -> dict[str, Any]:
         ch = self.channel

@@ -342,6 +342,18 @@ class ChannelMachine(RuleBasedStateMachine):
         self._s().detach()
 
     @precondition(lambda self: self.sys is not None)
+    @rule()
+    def daemon_restarts(self) -> None:
+        """eoid is killed and restarted: kernel, eventfds and consumer stay (fd store)."""
+        s = self._s()
+        s.ch = Channel(s.ch.policy)
+        s.ch.attached = s.attached
+        n, s.kernel.trigger = s.kernel.trigger, 0
+        m, s.eoi = s.eoi, 0
+        s.reads = {"trigger": n, "eoi": m}
+        s.act(s.ch.adopt(n, m, s.now))
+
+    @precondition(lambda self: self.sys is not None)
     @rule(dt=st.sampled_from([1, 1000, MS, 50 * MS, 150 * MS, 2 * S]))
     def time_passes(self, dt: int) -> None:
         self._s().advance(dt)
@@ -352,7 +364,7 @@ class ChannelMachine(RuleBasedStateMachine):
         behind the guest's back. (An unmask on a spurious EOI can race an unread trigger,
         which is why that policy is off by default.)"""
         s = self.sys
-        if s is None or s.ch.policy.unmask_on_spurious:
+        if s is None or s.ch.policy.unmask_on_spurious or s.ch.adopting:
             return
         if s.ch.state in (State.PENDING, State.HELD, State.THROTTLED):
             assert s.kernel.masked

@@ -1,0 +1,171 @@
+"""Restart without loss: the daemon under a stand-in for systemd's fd store (FakeSystemd).
+
+The daemon really is SIGKILLed or SIGTERMed and restarted as a new process with the
+stored fds (``LISTEN_FDS``); the sim process and the consumers are never restarted.
+"""
+
+from __future__ import annotations
+
+import json
+import select
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from eoid.testing import FakeSystemd
+from tests.helpers import Consumer, Env, environment, free_port, wait_until
+
+
+class Supervised:
+    """The daemon started the way systemd starts it, and restarted the same way."""
+
+    def __init__(self, env: Env, systemd: FakeSystemd) -> None:
+        self.env = env
+        self.systemd = systemd
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with (self.env.root / "daemon.log").open("ab") as log:
+            self.proc = self.systemd.spawn(
+                [sys.executable, "-m", "eoid.cli", "run", "-c", str(self.env.config)],
+                stdout=log, stderr=subprocess.STDOUT)
+        self.systemd.wait_for(READY="1", timeout=20)
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        self.proc.wait(10)
+        self.systemd.drain()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.kill(signal.SIGTERM)
+
+
+@pytest.fixture
+def supervised() -> Iterator[Supervised]:
+    with environment(devices=2) as env, FakeSystemd() as systemd:
+        env.start_sim()
+        daemon = Supervised(env, systemd)
+        daemon.start()
+        try:
+            yield daemon
+        finally:
+            daemon.stop()
+
+
+def no_eof(vm: Consumer) -> bool:
+    """The consumer's control connection is still open (nothing to read, no EOF)."""
+    ready, _, _ = select.select([vm.client.sock], [], [], 0)
+    return not ready
+
+
+def test_fds_are_parked_in_the_store(supervised: Supervised) -> None:
+    names = {name for name, _ in supervised.systemd.store}
+    assert {"control", "state", "d.dev0.trigger", "d.dev0.irq", "d.dev0.eoi", "d.dev0.sim",
+            "d.dev0.unmask", "d.dev1.trigger"} <= names
+
+    def peers() -> set[str]:
+        supervised.systemd.drain()
+        return {n for n, _ in supervised.systemd.store if n.startswith("peer.")}
+
+    with Consumer(supervised.env.control, "dev0"):
+        wait_until(lambda: peers() == {"peer.1"}, what="the consumer's connection stored")
+    wait_until(lambda: peers() == set(), what="and removed when it closed")
+
+
+def test_sigkill_with_an_interrupt_pending_loses_nothing(supervised: Supervised) -> None:
+    env = supervised.env
+    with Consumer(env.control, "dev0") as vm:
+        env.sim("raise", line="dev0")
+        assert vm.wait_irq() == 1
+        supervised.systemd.drain()
+        supervised.kill()
+        # while no eoid runs, the guest services the device and ends the interrupt
+        env.sim("ack", line="dev0")
+        vm.send_eoi()
+        supervised.start()
+        assert no_eof(vm)  # the consumer never noticed
+        wait_until(lambda: env.device("dev0")["state"] == "armed", what="unmasked")
+        assert env.device("dev0")["consumer"] is not None
+        env.sim("raise", line="dev0")  # the line was re-armed: the next interrupt arrives
+        assert vm.wait_irq() == 1
+        env.sim("ack", line="dev0")
+        vm.send_eoi()
+        wait_until(lambda: env.sim("stats")["lines"]["dev0"]["unmasks"] == 2)
+    line = env.sim("stats")["lines"]["dev0"]
+    assert line["raised"] == line["acked"] == 2
+    assert line["fires"] == line["unmasks"] == 2
+
+
+def test_sigkill_while_the_line_fires_delivers_it_after_restart(supervised: Supervised) -> None:
+    env = supervised.env
+    with Consumer(env.control, "dev1") as vm:
+        supervised.kill()
+        env.sim("raise", line="dev1")  # fires into the trigger eventfd nobody reads
+        assert vm.wait_irq(0.3) == 0
+        supervised.start()
+        assert vm.wait_irq() == 1  # delivered by the successor
+        env.sim("ack", line="dev1")
+        vm.send_eoi()
+        wait_until(lambda: env.device("dev1")["state"] == "armed")
+        assert vm.wait_irq(0.3) == 0  # exactly once
+
+
+def test_sigkill_between_read_and_forward_recovers_by_timeout() -> None:
+    """A fire the old process read but never forwarded: the successor cannot know, so it
+    waits eoi_timeout for an EOI and then unmasks; the still-asserted line fires again."""
+    with environment(devices=1, device_yaml="policy: {eoi_timeout: 300ms}\n") as env, \
+            FakeSystemd() as systemd:
+        env.start_sim()
+        daemon = Supervised(env, systemd)
+        daemon.start()
+        try:
+            with Consumer(env.control, "dev0") as vm:
+                env.sim("raise", line="dev0")
+                assert vm.wait_irq() == 1  # the guest takes it but never services or ends it
+                daemon.kill()
+                daemon.start()
+                assert vm.wait_irq(5) == 1  # after 300 ms the unmask makes it fire again
+                env.sim("ack", line="dev0")
+                vm.send_eoi()
+                wait_until(lambda: env.device("dev0")["state"] == "armed")
+        finally:
+            daemon.stop()
+
+
+def test_sigterm_under_systemd_hands_over_counters_and_consumers(supervised: Supervised,
+                                                                 ) -> None:
+    env = supervised.env
+    with Consumer(env.control, "dev0") as vm:
+        for _ in range(3):
+            env.sim("raise", line="dev0")
+            assert vm.wait_irq() == 1
+            env.sim("ack", line="dev0")
+            vm.send_eoi()
+        wait_until(lambda: env.scrape()["eoid_unmasks_total"][(("device", "dev0"),)] == 3)
+        supervised.kill(signal.SIGTERM)
+        assert env.control.exists()  # a handover keeps the socket for the successor
+        assert env.sim("stats")["lines"]["dev0"]["enabled"]  # and the device enabled
+        supervised.start()
+        assert no_eof(vm)
+        samples = env.scrape()
+        assert samples["eoid_interrupts_total"][(("device", "dev0"),)] == 3  # carried over
+        env.sim("raise", line="dev0")
+        assert vm.wait_irq() == 1
+
+
+def test_demo_kill_daemon_every_loses_nothing() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "eoid.cli", "demo", "--json", "--duration", "6", "--devices",
+         "4", "--rate", "400", "--kill-daemon-every", "1.5", "--metrics-listen",
+         f"127.0.0.1:{free_port()}"], capture_output=True, text=True, timeout=120, check=False)
+    summary = json.loads(result.stdout)
+    assert result.returncode == 0, summary
+    assert summary["daemon_restarts"] >= 3
+    assert summary["lost"] == 0 and summary["drained"]
+    assert summary["totals"]["guest_attaches"] == 4  # no guest ever re-attached
+    assert summary["totals"]["device_raised"] > 4 * 400 * 4
