@@ -93,6 +93,7 @@ class Daemon:
         self._stop: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._watchdog: asyncio.TimerHandle | None = None
+        self._rate_mark = (0, time.monotonic())
         self._log = structlog.get_logger("eoid")
 
     def notify(self, state: str) -> None:
@@ -137,12 +138,13 @@ class Daemon:
                 self.control.close()
                 raise EoidError(f"cannot serve metrics on {self.config.daemon.metrics.listen}: "
                                 f"{e.strerror}") from e
-        begun = time.monotonic()
+        arming = begun = time.monotonic()
         for device in self.config.devices.values():
             self._add(device)
             if time.monotonic() - begun > EXTEND_EVERY:  # many slow devices: keep systemd patient
                 self.notify(f"EXTEND_TIMEOUT_USEC={int(2 * EXTEND_EVERY * 1e6)}")
                 begun = time.monotonic()
+        arm_seconds = time.monotonic() - arming
         for name in self.adopted.close_rest():
             self._forget_fds(name)
         self._save_state()
@@ -155,6 +157,7 @@ class Daemon:
         if interval is not None:
             self._pet_watchdog(interval / 2)
         self._log.info("eoid ready", version=__version__, devices=len(self.runners),
+                       arm_seconds=round(arm_seconds, 4), adopted=bool(self.adopted.state),
                        up=sum(r.up for r in self.runners.values()),
                        control=str(self.config.daemon.control.socket),
                        metrics=self.config.daemon.metrics.listen)
@@ -395,8 +398,15 @@ class Daemon:
                              runner.channel.state.name.lower(), info)
 
     def _status_line(self) -> str:
+        """``STATUS=`` for ``systemctl status``: devices up, and the interrupt rate since
+        the previous status line (sent with every watchdog ping)."""
         up = sum(r.up for r in self.runners.values())
-        return f"STATUS={up}/{len(self.runners)} devices up"
+        total = sum(r.stats.interrupts for r in self.runners.values())
+        now = time.monotonic()
+        last_total, last_time = self._rate_mark
+        self._rate_mark = (total, now)
+        rate = (total - last_total) / (now - last_time) if now > last_time else 0.0
+        return f"STATUS={up}/{len(self.runners)} devices up, {rate:.0f} interrupts/s"
 
 
 def run_daemon(config: Config) -> None:

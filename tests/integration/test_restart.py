@@ -169,3 +169,42 @@ def test_demo_kill_daemon_every_loses_nothing() -> None:
     assert summary["lost"] == 0 and summary["drained"]
     assert summary["totals"]["guest_attaches"] == 4  # no guest ever re-attached
     assert summary["totals"]["device_raised"] > 4 * 400 * 4
+
+
+def test_notify_protocol_ready_status_reload_and_watchdog() -> None:
+    with environment(devices=2) as env, FakeSystemd() as systemd:
+        env.start_sim()
+        with (env.root / "daemon.log").open("ab") as log:
+            proc = systemd.spawn([sys.executable, "-m", "eoid.cli", "run", "-c",
+                                  str(env.config)], stdout=log, stderr=subprocess.STDOUT,
+                                 watchdog_usec=200_000)
+        try:
+            ready = systemd.wait_for(READY="1", timeout=20)
+            assert ready.get("STATUS", "").startswith("2/2 devices up")
+            pings = systemd.watchdog_pings
+            wait_until(lambda: bool(systemd.drain()) and systemd.watchdog_pings >= pings + 3,
+                       5, "watchdog pings from the loop")
+            # a reload: RELOADING=1 with a timestamp, then READY=1
+            proc.send_signal(signal.SIGHUP)
+            reloading = systemd.wait_for(RELOADING="1", timeout=10)
+            assert int(reloading.get("MONOTONIC_USEC", "0")) > 0
+            systemd.wait_for(READY="1", timeout=10)
+            # a bad reload says why in STATUS=
+            env.write_device("dev9", "policy: {eoi_timeout: never}\n")
+            proc.send_signal(signal.SIGHUP)
+            failed = systemd.wait_for(lambda m: "READY" in m and "reload failed" in (
+                m.get("STATUS") or ""), timeout=10)
+            assert "dev9.yaml:3" in (failed.get("STATUS") or "")
+            # a wedged loop stops petting the watchdog
+            proc.send_signal(signal.SIGSTOP)
+            systemd.drain()
+            before = systemd.watchdog_pings
+            with pytest.raises(TimeoutError):
+                systemd.wait_for(WATCHDOG="1", timeout=0.6)
+            assert systemd.watchdog_pings == before
+            proc.send_signal(signal.SIGCONT)
+            systemd.wait_for(WATCHDOG="1", timeout=5)
+        finally:
+            proc.send_signal(signal.SIGCONT)
+            proc.terminate()
+            proc.wait(10)
