@@ -180,14 +180,14 @@ def test_notify_protocol_ready_status_reload_and_watchdog() -> None:
                                  watchdog_usec=200_000)
         try:
             ready = systemd.wait_for(READY="1", timeout=20)
-            assert ready.get("STATUS", "").startswith("2/2 devices up")
+            assert (ready.get("STATUS") or "").startswith("2/2 devices up")
             pings = systemd.watchdog_pings
             wait_until(lambda: bool(systemd.drain()) and systemd.watchdog_pings >= pings + 3,
                        5, "watchdog pings from the loop")
             # a reload: RELOADING=1 with a timestamp, then READY=1
             proc.send_signal(signal.SIGHUP)
             reloading = systemd.wait_for(RELOADING="1", timeout=10)
-            assert int(reloading.get("MONOTONIC_USEC", "0")) > 0
+            assert int(reloading.get("MONOTONIC_USEC") or "0") > 0
             systemd.wait_for(READY="1", timeout=10)
             # a bad reload says why in STATUS=
             env.write_device("dev9", "policy: {eoi_timeout: never}\n")

@@ -148,6 +148,7 @@ class Guest:
 
     def write_config(self, **device_yaml: str) -> None:
         """eoid.yaml and one file per device (default: the good DEVICE_YAML)."""
+        CONFIG_DIR.mkdir(exist_ok=True)
         CONFIG.write_text(DAEMON_YAML)
         devices = CONFIG_DIR / "devices.d"
         shutil.rmtree(devices, ignore_errors=True)
