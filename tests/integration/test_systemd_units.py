@@ -154,7 +154,7 @@ def test_sysusers_creates_the_eoid_system_group(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("command", ["run", "check-config", "reload"])
 def test_the_cli_accepts_the_arguments_the_unit_passes(command: str) -> None:
-    from eoid.cli import build_parser  # noqa: PLC0415 - only this test needs the CLI
+    from eoid.cli import build_parser
 
     args = build_parser().parse_args([command, "--config", "/etc/eoid/eoid.yaml"])
     assert str(args.config) == "/etc/eoid/eoid.yaml"
