@@ -108,7 +108,11 @@ class VfioDevice:
         self._intx_enabled = intx_enabled
         self._intx_masking = "unknown"
         self._events: dict[int, DeviceEvent] = {}
+        self._regions: dict[int, RegionInfo] = {}
         self._closed = False
+        self.device_flags = DeviceFlag(0)
+        self.num_irqs = 0
+        self.err_supported = False
         self._unmask_call: Callable[[], object] = api.prepare_set_irqs(self._fd,
                                                                         uapi.UNMASK_INTX)
         try:
@@ -143,8 +147,6 @@ class VfioDevice:
                             f"{self.pci_address}: INTx flags {uapi.flag_names(intx.flags)} "
                             f"lack {uapi.flag_names(INTX_FLAGS & ~intx.flags)}: eoid cannot "
                             "relay it")
-        self._regions: dict[int, RegionInfo] = {}
-        self.err_supported = False
         if request_irqs:
             self._register_event(IrqIndex.REQ, DeviceEvent.REQUEST)
             self.err_supported = self._register_event(IrqIndex.ERR, DeviceEvent.ERROR)
@@ -366,16 +368,21 @@ class VfioDevice:
               sysfs_root: Path = Path("/sys")) -> VfioDevice:
         """Rebuild a device from the fds of ``held_fds`` (systemd's fd store, E15).
 
-        The kernel kept the device open, so INTx may still be enabled with the
-        old trigger and auto-masked; ``enable`` swaps the trigger under a mask and
-        ends with an unmask. ERR/REQ get fresh eventfds.
+        The kernel kept the device open, so INTx may still be enabled with the old
+        trigger (adopt that trigger too and leave it), or ``enable`` swaps it under
+        a mask and ends with an unmask. ERR/REQ get fresh eventfds. On failure the
+        fds are closed: kept open they would hold the group and block a fresh open.
         """
+        api = api or uapi.KernelVfio()
         if "device" not in fds:
+            for fd in fds.values():
+                with contextlib.suppress(OSError):
+                    api.close(fd)
             raise VfioError(name, "adopt", f"{pci_address}: no device fd among {sorted(fds)}")
         group = None
         with contextlib.suppress(VfioError):
             group = sysfs.read_pci_function(pci_address, sysfs_root).iommu_group
-        return cls(name, pci_address, api or uapi.KernelVfio(), fds, iommu="adopted",
+        return cls(name, pci_address, api, fds, iommu="adopted",
                    group=group, request_irqs=request_irqs, intx_enabled=None,
                    sysfs_root=sysfs_root)
 

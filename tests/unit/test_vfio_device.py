@@ -475,9 +475,23 @@ def test_adopt_with_intx_disabled_enables_it(host: Host, trigger: int) -> None:
     device.close()
 
 
-def test_adopt_without_a_device_fd(host: Host) -> None:
+def test_adopt_without_a_device_fd_closes_what_it_got(host: Host) -> None:
+    old = host.open()
+    fds = old.held_fds()
+    del fds["device"]
     with pytest.raises(VfioError, match="no device fd"):
-        VfioDevice.adopt("edu0", EDU, {"group": 3}, api=host.api)
+        VfioDevice.adopt("edu0", EDU, fds, api=host.api)
+    assert sorted(host.api.open_fds()) == [old.held_fds()["device"]]
+    assert host.api.open_groups == set()  # the group is free for a fresh open
+
+
+def test_failed_adoption_closes_the_fds(host: Host) -> None:
+    old = host.open(request_irqs=False)
+    fds = old.held_fds()
+    host.api.functions[EDU].nointx = True  # e.g. the device changed under us
+    with pytest.raises(VfioError, match="INTx hidden"):
+        VfioDevice.adopt("edu0", EDU, fds, api=host.api, sysfs_root=host.sysfs)
+    assert host.api.open_fds() == []
 
 
 def test_reset(tmp_path: Path, trigger: int) -> None:
