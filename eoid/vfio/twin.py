@@ -256,7 +256,7 @@ class _GroupFile(_File):
 @dataclass
 class _DeviceFile(_File):
     function: FakeFunction | None = None
-    via_group: bool = False
+    via_group: _GroupFile | None = None  # holds a reference: the group outlives its fd
     bound: bool = False  # access granted: always for the group path, after BIND for cdev
 
 
@@ -423,7 +423,7 @@ class FakeVfio:
         elif isinstance(f, _DeviceFile) and f.function is not None and f.bound:
             fn = f.function
             fn.open_count -= 1
-            if not f.via_group:
+            if f.via_group is None:
                 fn.cdev_bound = False
             if fn.open_count == 0:  # vfio_pci_core_disable
                 fn.intx_disable()
@@ -435,6 +435,10 @@ class FakeVfio:
                 if fn.unbind_pending:
                     fn.unbind_pending = False
                     fn.driver = None
+            if f.via_group is not None:
+                f.via_group.refs -= 1
+                if f.via_group.refs == 0:
+                    self._release(f.via_group)
 
     def open_fds(self) -> list[int]:
         """Fds still open in the twin (tests assert that nothing leaks)."""
@@ -540,7 +544,8 @@ class FakeVfio:
         if fn is None or fn.group != g.group or fn.driver not in VFIO_DRIVERS:
             raise _oserror(errno.ENODEV, pci_address)
         fn.open_count += 1
-        return self._new_fd(_DeviceFile(function=fn, via_group=True, bound=True))
+        g.refs += 1  # "device FDs hold a group file reference" (drivers/vfio/group.c)
+        return self._new_fd(_DeviceFile(function=fn, via_group=g, bound=True))
 
     # --- iommufd ------------------------------------------------------------------
 
@@ -557,7 +562,7 @@ class FakeVfio:
     def device_bind_iommufd(self, device: int, iommufd: int) -> int:
         self.calls.append("BIND_IOMMUFD")
         d = self._device_file(device, need_access=False)
-        if d.via_group or d.bound:
+        if d.via_group is not None or d.bound:
             raise _oserror(errno.EINVAL, "already bound")
         if not isinstance(self._files.get(iommufd), _IommuFile):
             raise _oserror(errno.EBADF)
@@ -575,7 +580,7 @@ class FakeVfio:
     def device_attach_iommufd_pt(self, device: int, pt_id: int) -> None:
         self.calls.append("ATTACH_IOMMUFD_PT")
         d = self._device_file(device)
-        if d.via_group:
+        if d.via_group is not None:
             raise _oserror(errno.EINVAL)
         if not any(isinstance(f, _IommuFile) and pt_id in f.ioas for f in self._files.values()):
             raise _oserror(errno.ENOENT, f"no IOAS {pt_id}")
