@@ -214,11 +214,11 @@ def probe_device(name: str, pci_address: str, *, sysfs_root: Path = Path("/sys")
                      proc_root)
     if report.problems or not open_device:
         return list(report.problems)
-    return _try_open(name, address, report, sysfs_root=sysfs_root, dev_root=dev_root, api=api)
+    return _try_open(name, address, sysfs_root=sysfs_root, dev_root=dev_root, api=api)
 
 
-def _try_open(name: str, address: str, report: DeviceReport, *, sysfs_root: Path,
-              dev_root: Path, api: VfioApi | None) -> list[str]:
+def _try_open(name: str, address: str, *, sysfs_root: Path, dev_root: Path,
+              api: VfioApi | None) -> list[str]:
     try:
         device = open_vfio_device(name, address, sysfs_root=sysfs_root, dev_root=dev_root,
                                   api=api, request_irqs=False)
@@ -231,7 +231,9 @@ def _try_open(name: str, address: str, report: DeviceReport, *, sysfs_root: Path
         device.enable(trigger)
     except VfioError as exc:
         if exc.op == "enable INTx" and exc.errno == errno.EBUSY:
-            return [f"host IRQ {report.line.irq} is shared and {address} cannot mask itself "
+            # opening enabled the device, so sysfs now shows the routed IRQ
+            irq = sysfs.read_pci_function(address, sysfs_root).irq
+            return [f"host IRQ {irq} is shared and {address} cannot mask itself "
                     "(no PCI 2.3 DisINTx): vfio-pci needs the line exclusively; move the "
                     "device or unbind the other devices on that IRQ"]
         return [str(exc)]

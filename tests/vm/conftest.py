@@ -19,6 +19,12 @@ from tests.vm.edu import Edu, bind_vfio, find_edus
 IN_VM = os.environ.get("EOID_VM") == "1"
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "nointxmask: needs vfio_pci.nointxmask=1 (run-vfio-tests boots a second "
+        "guest for these)")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if IN_VM:
         return
