@@ -397,36 +397,21 @@ def open_vfio_device(name: str, pci_address: str, *, sysfs_root: Path = Path("/s
     except ValueError as exc:
         raise VfioError(name, "open", str(exc)) from exc
     if not sysfs.pci_device_dir(address, sysfs_root).exists():
-        raise VfioError(name, "find device",
-                        f"no PCI device {address} (lspci -D lists the addresses)")
+        raise VfioError(name, "find device", sysfs.not_found(address))
     fn = sysfs.read_pci_function(address, sysfs_root)
-    if not fn.bound_to_vfio:
-        bound = f"bound to {fn.driver}" if fn.driver else "not bound to any driver"
-        raise VfioError(name, "check driver",
-                        f"{address} is {bound}, not vfio-pci; bind it to vfio-pci: "
-                        + sysfs.bind_instructions(address, fn.driver, sysfs_root))
-    if fn.iommu_group is None:
-        raise VfioError(name, "check group",
-                        f"{address} has no IOMMU group: enable the IOMMU (intel_iommu=on or "
-                        "amd_iommu=on on the kernel command line), or load vfio with "
-                        "enable_unsafe_noiommu_mode=1 where the kernel has it")
-    blocking = fn.blocking_peers
-    if blocking:
-        raise VfioError(name, "check group", f"{address}: " + group_blockers(fn.iommu_group,
-                                                                              blocking))
+    problem = sysfs.driver_problem(fn, sysfs_root)
+    if problem:
+        raise VfioError(name, "check driver", problem)
+    group = fn.iommu_group
+    problem = sysfs.group_problem(fn)
+    if problem or group is None:  # group_problem explains a missing group too
+        raise VfioError(name, "check group", problem or f"{address} has no IOMMU group")
     cdev = dev_root / "vfio" / "devices" / fn.vfio_cdev if fn.vfio_cdev else None
     if cdev is not None and cdev.exists() and (dev_root / "iommu").exists():
-        return _open_cdev(name, address, fn.iommu_group, cdev, dev_root=dev_root, api=api,
+        return _open_cdev(name, address, group, cdev, dev_root=dev_root, api=api,
                           request_irqs=request_irqs, sysfs_root=sysfs_root)
-    return _open_group(name, address, fn.iommu_group, dev_root, api,
+    return _open_group(name, address, group, dev_root, api,
                        request_irqs=request_irqs, sysfs_root=sysfs_root)
-
-
-def group_blockers(group: int, peers: tuple[sysfs.Peer, ...]) -> str:
-    """Why a group is not viable, device by device."""
-    listed = ", ".join(f"{p.address}, which is bound to {p.driver}" for p in peers)
-    return (f"group {group} also holds {listed}, not vfio-pci: the whole group must be "
-            "given to vfio-pci (or its other devices unbound)")
 
 
 def _failed(name: str, op: str, address: str, exc: OSError) -> VfioError:

@@ -19,7 +19,7 @@ from typing import Any
 
 from eoid.errors import VfioError
 from eoid.vfio import sysfs
-from eoid.vfio.device import group_blockers, open_vfio_device
+from eoid.vfio.device import open_vfio_device
 from eoid.vfio.uapi import VfioApi
 
 BRIDGE_CLASS = 0x06  # PCI base class of host/PCI bridges and root ports
@@ -101,18 +101,10 @@ def _assess(fn: sysfs.PciFunction, dev_root: Path, sysfs_root: Path,
     """Problems (would fail) and warnings (might fail later) from sysfs alone."""
     problems: list[str] = []
     warnings: list[str] = []
-    if not fn.bound_to_vfio:
-        bound = f"bound to {fn.driver}" if fn.driver else "not bound to any driver"
-        problems.append(f"{fn.address} is {bound}; bind it to vfio-pci: "
-                        + sysfs.bind_instructions(fn.address, fn.driver, sysfs_root))
+    problems.extend(p for p in (sysfs.driver_problem(fn, sysfs_root), sysfs.group_problem(fn))
+                    if p)
     node = None
-    if fn.iommu_group is None:
-        problems.append(f"{fn.address} has no IOMMU group: enable the IOMMU (intel_iommu=on "
-                        "or amd_iommu=on)")
-    else:
-        blocking = fn.blocking_peers
-        if blocking:
-            problems.append(group_blockers(fn.iommu_group, blocking))
+    if fn.iommu_group is not None:
         found = sysfs.group_dev_node(fn.iommu_group, dev_root)
         node = None if found is None else str(found)
         if found is None and fn.bound_to_vfio:
@@ -209,7 +201,7 @@ def probe_device(name: str, pci_address: str, *, sysfs_root: Path = Path("/sys")
     except ValueError as exc:
         return [str(exc)]
     if not sysfs.pci_device_dir(address, sysfs_root).exists():
-        return [f"no PCI device {address} (lspci -D lists the addresses)"]
+        return [sysfs.not_found(address)]
     report = _assess(sysfs.read_pci_function(address, sysfs_root), dev_root, sysfs_root,
                      proc_root)
     if report.problems or not open_device:

@@ -49,6 +49,32 @@ def bind_instructions(address: str, driver: str | None = None,
     return "; ".join(steps)
 
 
+def not_found(address: str) -> str:
+    return f"no PCI device {address} (lspci -D lists the addresses)"
+
+
+def driver_problem(fn: PciFunction, sysfs_root: Path = Path("/sys")) -> str | None:
+    """Why ``fn`` is not usable by eoid as bound now, with the commands that fix it."""
+    if fn.bound_to_vfio:
+        return None
+    bound = f"bound to {fn.driver}" if fn.driver else "not bound to any driver"
+    return (f"{fn.address} is {bound}, not vfio-pci; bind it to vfio-pci: "
+            + bind_instructions(fn.address, fn.driver, sysfs_root))
+
+
+def group_problem(fn: PciFunction) -> str | None:
+    """Why ``fn``'s IOMMU group cannot be handed to VFIO, device by device."""
+    if fn.iommu_group is None:
+        return (f"{fn.address} has no IOMMU group: enable the IOMMU (intel_iommu=on or "
+                "amd_iommu=on on the kernel command line), or load vfio with "
+                "enable_unsafe_noiommu_mode=1 where the kernel has it")
+    if not fn.blocking_peers:
+        return None
+    listed = ", ".join(f"{p.address}, which is bound to {p.driver}" for p in fn.blocking_peers)
+    return (f"group {fn.iommu_group} also holds {listed}, not vfio-pci: the whole group must "
+            "be given to vfio-pci (or its other devices unbound)")
+
+
 @dataclass(frozen=True)
 class Peer:
     """Another function sharing something (IOMMU group, IRQ line) with the one asked about."""
@@ -136,8 +162,7 @@ def read_pci_function(address: str, sysfs_root: Path = Path("/sys")) -> PciFunct
     """Read one function; raises ``VfioError`` if there is no such PCI device."""
     dev = pci_device_dir(address, sysfs_root)
     if not dev.exists():
-        raise VfioError(address, "find device",
-                        f"no PCI device {address} in {dev.parent} (lspci -D lists the addresses)")
+        raise VfioError(address, "find device", not_found(address))
     driver = _link_name(dev / "driver")
     override = _read(dev / "driver_override")
     group_name = _link_name(dev / "iommu_group")

@@ -270,7 +270,7 @@ def test_list_devices_picks_vfio_and_candidates(tmp_path: Path) -> None:
     assert edu.line.assigned
     assert not edu.line.shared
     assert not nic.ready
-    assert "bound to e1000e; bind it to vfio-pci" in nic.problems[0]
+    assert "bound to e1000e, not vfio-pci; bind it to vfio-pci" in nic.problems[0]
     assert nic.disintx.supported is True
     assert not smbus.ready
     assert "not bound to any driver" in smbus.problems[0]
@@ -346,7 +346,7 @@ def test_probe_finds_the_shared_line_without_disintx(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("fn", "expected"), [
-    (FakeFunction(EDU, 3, driver="e1000e"), "bound to e1000e; bind it to vfio-pci"),
+    (FakeFunction(EDU, 3, driver="e1000e"), "bound to e1000e, not vfio-pci; bind it to vfio-pci"),
     (FakeFunction(EDU, 3, interrupt_pin=0), "has no interrupt pin"),
     (FakeFunction(EDU, 3, is_vf=True), "virtual function"),
     (FakeFunction(EDU, 3, nointx=True), r"INTx hidden by a quirk \(count 0\)"),
