@@ -13,9 +13,10 @@ a bit set of actions. Allocation-free on the common path, because it runs per in
 from __future__ import annotations
 
 import enum
+from bisect import bisect_left
 
 from eoid.config import EoiTimeoutPolicy, Policy
-from eoid.stats import DeviceStats
+from eoid.stats import BUCKETS_NS, DeviceStats
 
 
 class State(enum.IntEnum):
@@ -25,6 +26,9 @@ class State(enum.IntEnum):
     HELD = 3  # fired with no consumer attached; line stays masked until one attaches
     THROTTLED = 4  # EOI seen during a storm; the unmask is deferred by the backoff
 
+
+# Module-level aliases: cheaper to reach on the hot path than attributes of the enum class.
+_DOWN, _ARMED, _PENDING, _HELD = State.DOWN, State.ARMED, State.PENDING, State.HELD
 
 # Actions, combined as bits.
 FORWARD = 1  # signal the consumer's irq eventfd
@@ -38,12 +42,13 @@ EOI_TIMEOUT = 32  # an EOI deadline passed: log it
 class Channel:
     """State of one INTx line as eoid sees it; see the module docstring."""
 
-    __slots__ = ("_adopting", "_backoff", "_episode", "_last_throttle", "_refilled", "_tokens",
-                 "attached",
+    __slots__ = ("_adopting", "_backoff", "_burst", "_eoi_timeout", "_episode", "_last_throttle",
+                 "_rate_per_ns", "_refilled", "_tokens", "attached",
                  "pending_since", "policy", "state", "stats", "stuck", "timer_at")
 
     def __init__(self, policy: Policy, stats: DeviceStats | None = None) -> None:
         self.policy = policy
+        self._prefetch()
         self.stats = stats if stats is not None else DeviceStats()
         self.state = State.DOWN
         self.attached = False
@@ -75,15 +80,19 @@ class Channel:
         it, the consumer never saw it). An EOI alone ended the interrupt that was pending:
         unmask. Neither: the consumer may still be servicing an interrupt we forwarded
         before the restart, so wait for its EOI as if pending, and if none comes within
-        ``eoi_timeout``, unmask anyway: an unmask of an unmasked line is a no-op."""
+        ``eoi_timeout``, unmask anyway: an unmask of an unmasked line is a no-op. With no
+        consumer, nothing can be owed: unmask now (a held line fires again).
+
+        While ``adopting``, the line may in fact be unmasked, so the shell must read the
+        trigger before it hands the channel an EOI."""
         self.enable(now)
         stats = self.stats
         if triggers:
             stats.eois += eois
             stats.spurious_eois += eois
             return self.trigger(triggers, now)
-        if eois:
-            stats.eois += eois
+        stats.eois += eois
+        if eois or not self.attached:  # an interrupt held for nobody needs no EOI
             return UNMASK | TIMER
         self.state = State.PENDING
         self.pending_since = now
@@ -98,11 +107,19 @@ class Channel:
         return TIMER
 
     def set_policy(self, policy: Policy) -> None:
-        """Apply a reloaded policy in place; the line is not touched."""
-        if policy.storm != self.policy.storm:
-            self._backoff = policy.storm.backoff_initial
-            self._tokens = min(self._tokens, float(policy.storm.burst))
+        """Apply a (reloaded) policy in place; the line is not touched."""
+        storm = policy.storm
+        if storm != self.policy.storm:
+            self._backoff = storm.backoff_initial
+            self._tokens = min(self._tokens, float(storm.burst))
         self.policy = policy
+        self._prefetch()
+
+    def _prefetch(self) -> None:
+        """What the hot path reads of the policy, as plain attributes."""
+        self._eoi_timeout = self.policy.eoi_timeout
+        self._rate_per_ns = self.policy.storm.max_rate * 1e-9
+        self._burst = float(self.policy.storm.burst)
 
     # --- the hot path --------------------------------------------------------------------
 
@@ -113,35 +130,37 @@ class Channel:
         if count > 1:
             stats.coalesced_interrupts += count - 1
         state = self.state
-        if state in (State.DOWN, State.HELD):
+        if state is _DOWN or state is _HELD:
             return 0  # DOWN: a stale signal; HELD: already waiting for a consumer
         self.pending_since = now
-        self.stuck = False
-        self._adopting = False
+        self.stuck = self._adopting = False
         if not self.attached:
-            self.state = State.HELD
+            self.state = _HELD
             self.timer_at = None
             return TIMER
-        self.state = State.PENDING
-        self.timer_at = now + self.policy.eoi_timeout
+        self.state = _PENDING
+        self.timer_at = now + self._eoi_timeout
         return FORWARD | TIMER
 
     def eoi(self, count: int, now: int) -> int:
         """The consumer (or KVM's resampler) signalled the EOI eventfd ``count`` times."""
         stats = self.stats
         stats.eois += count
-        if self.state != State.PENDING:
+        if self.state is not _PENDING:
             stats.spurious_eois += count
-            if self.state == State.ARMED and self.policy.unmask_on_spurious:
+            if self.state is _ARMED and self.policy.unmask_on_spurious:
                 return UNMASK
             return 0
         if self._adopting:
             self._adopting = False  # not an interrupt we timed: no service time
         else:
-            stats.service.observe(now - self.pending_since)
+            elapsed = now - self.pending_since
+            hist = stats.service
+            hist.counts[bisect_left(BUCKETS_NS, elapsed)] += 1
+            hist.sum_ns += elapsed
         self.stuck = False
         if self._take_token(now):
-            self.state = State.ARMED
+            self.state = _ARMED
             self.timer_at = None
             if self._episode and now - self._last_throttle >= self.policy.storm.recovery:
                 self._episode = False
@@ -211,15 +230,13 @@ class Channel:
         until its deferred unmask), so the sustained rate never exceeds ``max_rate``.
         A bucket at least half full means the device is back under its limit: the
         backoff then starts again from ``backoff_initial``."""
-        storm = self.policy.storm
-        tokens = self._tokens + (now - self._refilled) * storm.max_rate * 1e-9
+        tokens = self._tokens + (now - self._refilled) * self._rate_per_ns
         self._refilled = now
-        if tokens > storm.burst:
-            tokens = float(storm.burst)
-        if tokens * 2 >= storm.burst:
-            self._backoff = storm.backoff_initial
-        self._tokens = tokens - 1.0
-        return self._tokens >= 0.0
+        tokens = min(self._burst, tokens)
+        if tokens * 2.0 >= self._burst:
+            self._backoff = self.policy.storm.backoff_initial
+        self._tokens = tokens = tokens - 1.0
+        return tokens >= 0.0
 
     def _throttle(self, now: int) -> int:
         storm = self.policy.storm

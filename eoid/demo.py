@@ -16,11 +16,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import select
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections import defaultdict
@@ -75,6 +77,40 @@ def sim_call(path: Path, op: str, **fields: Any) -> dict[str, Any]:
     return received[0]
 
 
+class Supervisor:
+    """Plays PID 1 for ``--kill-daemon-every``: holds the fd store and reads every
+    notification as it arrives, in a thread (a notify socket left full blocks the daemon,
+    as it would under a PID 1 that stopped reading)."""
+
+    def __init__(self) -> None:
+        self.systemd = FakeSystemd()
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._pump, name="fake-pid1", daemon=True)
+        self._thread.start()
+
+    def _pump(self) -> None:
+        while not self._stopping.is_set():
+            select.select([self.systemd.fileno()], [], [], 0.05)
+            with self._lock:
+                self.systemd.drain()
+
+    def spawn(self, argv: list[str], **popen: Any) -> subprocess.Popen[bytes]:
+        """Start (or restart) the daemon with everything in the store, as PID 1 would."""
+        with self._lock:
+            self.systemd.drain()  # a dead daemon's last words first (e.g. FDSTOREREMOVE)
+            return self.systemd.spawn(argv, start_new_session=True, **popen)
+
+    def state(self) -> str:
+        with self._lock:
+            return self.systemd.state
+
+    def close(self) -> None:
+        self._stopping.set()
+        self._thread.join(5)
+        self.systemd.close()
+
+
 class Demo:
     """The three processes and the bookkeeping between them."""
 
@@ -83,7 +119,7 @@ class Demo:
         self.dir = workdir
         self.names = [f"dev{i:02d}" for i in range(args.devices)]
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
-        self.systemd: FakeSystemd | None = FakeSystemd() if args.kill_daemon_every else None
+        self.systemd = Supervisor() if args.kill_daemon_every else None
         self.restarts = 0
         self.config = workdir / "eoid.yaml"
         self.sim_socket = workdir / "sim.sock"
@@ -111,17 +147,11 @@ class Demo:
         with (self.dir / f"{role}.log").open("ab") as log:
             if role == "daemon" and self.systemd is not None:
                 self.procs[role] = self.systemd.spawn(command, stdout=log,
-                                                      stderr=subprocess.STDOUT,
-                                                      start_new_session=True)
+                                                      stderr=subprocess.STDOUT)
             else:
                 self.procs[role] = subprocess.Popen(command, stdout=log,
                                                     stderr=subprocess.STDOUT,
                                                     start_new_session=True)
-
-    def pump_systemd(self) -> None:
-        """Read what the daemon told "systemd" (its socket must never fill up)."""
-        if self.systemd is not None:
-            self.systemd.drain()
 
     def kill_and_restart_daemon(self) -> None:
         """SIGKILL: no chance to clean up. The successor gets the fd store back."""
@@ -129,15 +159,13 @@ class Demo:
         daemon = self.procs["daemon"]
         daemon.kill()
         daemon.wait()
-        self.systemd.drain()
         self._spawn("daemon", "run", "-c", str(self.config))
         deadline = time.monotonic() + 20
-        while self.systemd.state != "ready":
+        while self.systemd.state() != "ready":
             if time.monotonic() > deadline or self.procs["daemon"].poll() is not None:
                 raise EoidError("the restarted daemon did not become ready:\n"
                                 + (self.dir / "daemon.log").read_text()[-2000:])
-            with contextlib.suppress(TimeoutError):
-                self.systemd.receive(timeout=0.2)
+            time.sleep(0.01)
         self.restarts += 1
 
     def start(self) -> None:
@@ -156,10 +184,8 @@ class Demo:
         self._wait(self.sim_socket, "sim")
         self._spawn("daemon", "run", "-c", str(self.config))
         self._wait(self.control, "daemon")
-        self.pump_systemd()
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
-            self.pump_systemd()
             status = self.status()
             if all(d["up"] and d["consumer"] for d in status["devices"]):
                 return
@@ -170,7 +196,6 @@ class Demo:
         proc = self.procs[role]
 
         def alive() -> bool:
-            self.pump_systemd()
             return proc.poll() is None
 
         if not wait_for_socket(path, 20, alive):
@@ -202,7 +227,6 @@ class Demo:
         sim_call(self.sim_socket, "quiesce")
         deadline = time.monotonic() + DRAIN_TIMEOUT
         while time.monotonic() < deadline:
-            self.pump_systemd()
             lines = sim_call(self.sim_socket, "stats")["lines"]
             devices = {d["name"]: d for d in self.status()["devices"]}
             if all(not line["asserted"] and not line["masked"] and not line["guest"]["in_service"]
@@ -329,7 +353,6 @@ def run_demo(args: argparse.Namespace) -> int:
         try:
             while args.duration is None or time.monotonic() - started < args.duration:
                 time.sleep(0.1)
-                demo.pump_systemd()
                 now = time.monotonic()
                 if heal_at is not None and now >= heal_at:
                     sim_call(demo.sim_socket, "heal")  # the second half shows the recovery

@@ -13,7 +13,10 @@ import asyncio
 import contextlib
 import os
 import time
+from bisect import bisect_left
 from collections.abc import Callable
+from os import eventfd_read, eventfd_write
+from time import monotonic_ns
 from typing import Any
 
 import structlog
@@ -23,7 +26,7 @@ from eoid.config import DeviceConfig, format_duration
 from eoid.control import Peer
 from eoid.device import DeviceEvent, IntxDevice
 from eoid.errors import DeviceError, ProtocolError
-from eoid.stats import DeviceStats
+from eoid.stats import BUCKETS_NS, DeviceStats
 
 EFD_FLAGS = os.EFD_NONBLOCK | os.EFD_CLOEXEC
 TIMER_SLACK = 0.001  # uvloop timers have millisecond resolution: never wake up early
@@ -140,54 +143,69 @@ class DeviceRunner:
 
     # --- the hot path --------------------------------------------------------------------
 
+    # Histograms are observed inline (``counts[bisect_left(...)] += 1``) rather than
+    # through ``Histogram.observe``: a method call is a measurable part of this path.
+
     def _on_trigger(self) -> None:
         try:
-            count = os.eventfd_read(self.trigger_fd)
+            count = eventfd_read(self.trigger_fd)
         except BlockingIOError:
             return  # a spurious wake-up: the count was already consumed
-        now = time.monotonic_ns()
-        actions = self.channel.trigger(count, now)
+        now = monotonic_ns()
+        channel = self.channel
+        actions = channel.trigger(count, now)
         if actions & FORWARD:
             self._forward(now)
-        if actions & TIMER:
-            self._schedule()
+        if actions & TIMER and channel.timer_at is not None and (
+                self._timer is None or self._timer_at > channel.timer_at):
+            self._schedule()  # only when the loop timer would fire too late
 
     def _forward(self, since: int) -> None:
+        stats = self.stats
         try:
-            os.eventfd_write(self.irq_fd, 1)
+            eventfd_write(self.irq_fd, 1)
         except OSError:
-            self.stats.errors["forward"] += 1
+            stats.errors["forward"] += 1
             return
-        self.stats.forwards += 1
-        self.stats.dispatch_latency.observe(time.monotonic_ns() - since)
+        stats.forwards += 1
+        elapsed = monotonic_ns() - since
+        hist = stats.dispatch_latency
+        hist.counts[bisect_left(BUCKETS_NS, elapsed)] += 1
+        hist.sum_ns += elapsed
 
     def _on_eoi(self) -> None:
         try:
-            count = os.eventfd_read(self.eoi_fd)
+            count = eventfd_read(self.eoi_fd)
         except BlockingIOError:
             return
-        now = time.monotonic_ns()
+        if self.channel.adopting:
+            self._on_trigger()  # the line may be unmasked: a fire must count first
+        now = monotonic_ns()
         actions = self.channel.eoi(count, now)
         if actions & UNMASK:
             self._unmask(now)
-        if actions & TIMER:
-            self._schedule()
         if actions & (STORM_BEGIN | STORM_END):
             self._log_storm(actions)
+        if actions & TIMER and self.channel.timer_at is not None:
+            self._schedule()
 
     def _unmask(self, since: int) -> None:
         device = self.device
+        stats = self.stats
         if device is None or self.faulted:
             return
         try:
             device.unmask()
         except (DeviceError, OSError) as e:
-            self.stats.errors["unmask"] += 1
-            if self.stats.errors["unmask"] == 1:
+            stats.errors["unmask"] += 1
+            if stats.errors["unmask"] == 1:
                 self._log.error("unmask failed", error=str(e))
             return
-        self.stats.unmasks += 1
-        self.stats.unmask_latency.observe(time.monotonic_ns() - since)
+        stats.unmasks += 1
+        elapsed = monotonic_ns() - since
+        hist = stats.unmask_latency
+        hist.counts[bisect_left(BUCKETS_NS, elapsed)] += 1
+        hist.sum_ns += elapsed
 
     # --- timers ----------------------------------------------------------------------------
 
@@ -212,6 +230,7 @@ class DeviceRunner:
 
     def _on_timer(self) -> None:
         self._timer = None
+        self._on_trigger()  # a fire not yet read must count before the channel may unmask
         now = time.monotonic_ns()
         self._act(self.channel.timer(now), now)
 
@@ -261,6 +280,7 @@ class DeviceRunner:
         if self.consumer is not peer:
             raise ProtocolError("not_attached", f"not attached to {self.name}")
         if self.device is not None:
+            self._on_trigger()  # settle the line before the channel decides (it may unmask)
             self._on_eoi()  # an EOI written just before leaving still ends the interrupt
         self.consumer = None
         peer.attached.discard(self.name)

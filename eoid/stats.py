@@ -46,7 +46,7 @@ class Histogram:
     def restore(self, data: dict[str, Any]) -> None:
         counts = data.get("counts", [])
         if len(counts) == len(self.counts):
-            self.counts = [int(c) for c in counts]
+            self.counts[:] = [int(c) for c in counts]  # in place: the hot path holds it
             self.sum_ns = int(data.get("sum_ns", 0))
 
 

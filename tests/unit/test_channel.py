@@ -226,6 +226,8 @@ class System:
 
     def read_eoi(self) -> None:
         n, self.eoi = self.eoi, 0
+        if n and self.ch.adopting:
+            self.read_trigger()
         if n:
             self.reads["eoi"] += n
             self.act(self.ch.eoi(n, self.now))
@@ -238,6 +240,7 @@ class System:
         self.act(self.ch.attach(self.now))
 
     def detach(self) -> None:
+        self.read_trigger()
         self.read_eoi()
         self.attached = False
         self.outstanding = False
@@ -247,7 +250,9 @@ class System:
     def advance(self, dt: int) -> None:
         self.now += dt
         if self.ch.timer_at is not None and self.now >= self.ch.timer_at:
-            self.act(self.ch.timer(self.now))
+            self.read_trigger()
+            if self.ch.timer_at is not None and self.now >= self.ch.timer_at:
+                self.act(self.ch.timer(self.now))
 
     def service(self) -> None:
         """A well-behaved guest: take the irq, service the device, EOI."""
