@@ -17,6 +17,7 @@ from typing import Any
 from eoid import __version__
 from eoid.config import Config, LogFormat, load_config, parse_duration
 from eoid.errors import ConfigError, EoidError, ProtocolError
+from eoid.stats import human_seconds
 
 EX_OK, EX_FAIL, EX_USAGE, EX_UNAVAILABLE, EX_CONFIG = 0, 1, 2, 69, 78
 DEFAULT_CONFIG = Path(os.environ.get("EOID_CONFIG", "/etc/eoid/eoid.yaml"))
@@ -124,6 +125,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ProtocolError as e:
         print(f"eoid {args.command}: refused: {e} ({e.code})", file=sys.stderr)
         return EX_FAIL
+    except DaemonUnavailable as e:
+        print(f"eoid {args.command}: {e}", file=sys.stderr)
+        return EX_UNAVAILABLE
     except EoidError as e:
         print(f"eoid {args.command}: {e}", file=sys.stderr)
         return EX_FAIL
@@ -175,16 +179,23 @@ def _control_path(args: argparse.Namespace) -> Path:
     return load_config(args.config).daemon.control.socket
 
 
-def cmd_status(args: argparse.Namespace) -> int:
+class DaemonUnavailable(EoidError):
+    """Nobody answers on the control socket (exit 69)."""
+
+
+def _ask(args: argparse.Namespace, op: str) -> dict[str, Any]:
     from eoid.control import ControlClient
 
     try:
         client = ControlClient(_control_path(args))
     except EoidError as e:
-        print(f"eoid status: {e} (is the daemon running?)", file=sys.stderr)
-        return EX_UNAVAILABLE
+        raise DaemonUnavailable(f"{e} (is the daemon running?)") from e
     with client:
-        reply, _ = client.request("status")
+        return client.request(op)[0]
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    reply = _ask(args, "status")
     if args.json:
         print(json.dumps(reply, indent=2))
     else:
@@ -207,29 +218,16 @@ def render_status(reply: dict[str, Any]) -> str:
         consumer = f"pid {d['consumer']['pid']}" if d["consumer"] else "-"
         rows.append((d["name"], state, consumer, str(c["interrupts"]), str(c["eois"]),
                      str(c["spurious_eois"]), str(c["eoi_timeouts"]), str(c["storm_throttles"]),
-                     _us(d["service_p99_seconds"]), _us(d["unmask_p99_seconds"])))
+                     human_seconds(d["service_p99_seconds"]),
+                     human_seconds(d["unmask_p99_seconds"])))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip()
               for r in rows]
     return "\n".join(lines)
 
 
-def _us(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    return f"{seconds * 1e6:.0f}us" if seconds < 0.01 else f"{seconds * 1e3:.1f}ms"
-
-
 def cmd_reload(args: argparse.Namespace) -> int:
-    from eoid.control import ControlClient
-
-    try:
-        client = ControlClient(_control_path(args))
-    except EoidError as e:
-        print(f"eoid reload: {e} (is the daemon running?)", file=sys.stderr)
-        return EX_UNAVAILABLE
-    with client:
-        client.request("reload")
+    _ask(args, "reload")
     print("reload requested; see the daemon's log (or `eoid status`) for the result")
     return EX_OK
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import grp
 import os
 import socket
 import stat
@@ -321,9 +320,3 @@ def wait_for_socket(path: Path, timeout: float, alive: Callable[[], bool] = lamb
         time.sleep(0.02)
     return False
 
-
-def group_name(gid: int) -> str:
-    try:
-        return grp.getgrgid(gid).gr_name
-    except KeyError:
-        return str(gid)

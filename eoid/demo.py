@@ -33,7 +33,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from eoid.control import ControlClient, wait_for_socket
 from eoid.errors import EoidError
-from eoid.stats import quantile
+from eoid.stats import human_seconds, quantile
 from eoid.testing import FakeSystemd
 from eoid.wire import recv_msg, send_msg
 
@@ -313,7 +313,7 @@ def render_live(prev: Samples, cur: Samples, dt: float, status: dict[str, Any]) 
             now = bucket_counts(cur, metric, n)
             before = bucket_counts(prev, metric, n) or [0] * len(now)
             diff = [a - b for a, b in zip(now, before, strict=True)]
-            window += [_fmt(quantile(diff, 0.5)), _fmt(quantile(diff, 0.99))]
+            window += [human_seconds(quantile(diff, 0.5)), human_seconds(quantile(diff, 0.99))]
         state = d["state"] + (" stuck" if d["stuck"] else "") + (" storm" if d["storm"] else "")
         rows.append((n, state if d["up"] else "down", f"{rate:.0f}", *window,
                      *(str(device_counter(cur, f"eoid_{k}_total", n))
@@ -322,12 +322,6 @@ def render_live(prev: Samples, cur: Samples, dt: float, status: dict[str, Any]) 
     return "\n".join("  ".join(v.rjust(w) if i > 1 else v.ljust(w)
                                for i, (v, w) in enumerate(zip(r, widths, strict=True)))
                      for r in rows)
-
-
-def _fmt(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    return f"{seconds * 1e6:.0f}us" if seconds < 0.01 else f"{seconds * 1e3:.1f}ms"
 
 
 def run_demo(args: argparse.Namespace) -> int:

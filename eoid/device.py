@@ -9,8 +9,17 @@ is still asserted at that moment the trigger is signalled again at once.
 from __future__ import annotations
 
 import enum
+import os
 from dataclasses import dataclass, field
 from typing import Protocol
+
+
+def drain_eventfd(fd: int) -> int:
+    """Read and reset a non-blocking eventfd; 0 if it held nothing."""
+    try:
+        return os.eventfd_read(fd)
+    except BlockingIOError:
+        return 0
 
 
 class DeviceEvent(enum.Enum):

@@ -24,19 +24,12 @@ import structlog
 from eoid.channel import EOI_TIMEOUT, FORWARD, STORM_BEGIN, STORM_END, TIMER, UNMASK, Channel, State
 from eoid.config import DeviceConfig, format_duration
 from eoid.control import Peer
-from eoid.device import DeviceEvent, IntxDevice
+from eoid.device import DeviceEvent, IntxDevice, drain_eventfd
 from eoid.errors import DeviceError, ProtocolError
 from eoid.stats import BUCKETS_NS, DeviceStats
 
 EFD_FLAGS = os.EFD_NONBLOCK | os.EFD_CLOEXEC
 TIMER_SLACK = 0.001  # uvloop timers have millisecond resolution: never wake up early
-
-
-def drain(fd: int) -> int:
-    try:
-        return os.eventfd_read(fd)
-    except BlockingIOError:
-        return 0
 
 
 class DeviceRunner:
@@ -85,7 +78,8 @@ class DeviceRunner:
         if adopted:
             # While no eoid ran, the line may have fired and the consumer may have sent
             # an EOI: the channel decides from both counts what is owed (E15).
-            self._act(self.channel.adopt(drain(self.trigger_fd), drain(self.eoi_fd), now), now)
+            triggers, eois = drain_eventfd(self.trigger_fd), drain_eventfd(self.eoi_fd)
+            self._act(self.channel.adopt(triggers, eois, now), now)
         else:
             try:
                 device.enable(self.trigger_fd)
@@ -265,7 +259,7 @@ class DeviceRunner:
         if self.device is not None:
             self._on_trigger()  # settle what happened before this consumer existed
             self._on_eoi()
-        drain(self.irq_fd)  # edges nobody read are not this consumer's to see
+        drain_eventfd(self.irq_fd)  # edges nobody read are not this consumer's to see
         self.consumer = peer
         peer.attached.add(self.name)
         now = time.monotonic_ns()
@@ -285,7 +279,7 @@ class DeviceRunner:
         self.consumer = None
         peer.attached.discard(self.name)
         self._act(self.channel.detach(), time.monotonic_ns())
-        drain(self.irq_fd)
+        drain_eventfd(self.irq_fd)
         self._log.info("consumer detached", pid=peer.pid, held=self.channel.state == State.HELD)
 
     # --- device events -------------------------------------------------------------------

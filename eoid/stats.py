@@ -67,6 +67,13 @@ def quantile(counts: list[int], q: float) -> float | None:
     return BUCKETS_SECONDS[-1]
 
 
+def human_seconds(seconds: float | None) -> str:
+    """``0.000123`` → ``123us``, ``0.25`` → ``250.0ms``, None → ``-`` (tables)."""
+    if seconds is None:
+        return "-"
+    return f"{seconds * 1e6:.0f}us" if seconds < 0.01 else f"{seconds * 1e3:.1f}ms"
+
+
 ERROR_OPS = ("enable", "unmask", "mask", "disable", "forward", "device_event")
 
 COUNTERS = ("interrupts", "eois", "unmasks", "spurious_eois", "coalesced_interrupts",

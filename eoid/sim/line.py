@@ -18,13 +18,7 @@ from __future__ import annotations
 import os
 import time
 
-
-def drain_eventfd(fd: int) -> int:
-    """Read and reset a non-blocking eventfd; 0 if it held nothing."""
-    try:
-        return os.eventfd_read(fd)
-    except BlockingIOError:
-        return 0
+from eoid.device import drain_eventfd
 
 
 class SimLine:

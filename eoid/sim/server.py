@@ -23,8 +23,9 @@ from typing import Any
 import structlog
 
 from eoid.control import ControlClient
+from eoid.device import drain_eventfd
 from eoid.errors import EoidError, ProtocolError
-from eoid.sim.line import SimLine, drain_eventfd
+from eoid.sim.line import SimLine
 from eoid.stats import Histogram
 from eoid.wire import recv_msg, send_msg
 
