@@ -13,7 +13,8 @@ import grp
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +22,6 @@ import pytest
 
 from eoid.control import wait_for_socket
 from eoid.demo import Samples, scrape
-from tests.helpers import wait_until
 
 ROOT = Path(__file__).resolve().parents[3]
 UNIT = "eoid.service"
@@ -53,6 +53,15 @@ DEVICE_YAML = {
     "sim1": 'pci_address: "0000:00:11.0"\nbackend: {type: sim}\n'
     "policy: {eoi_timeout: 500ms, on_eoi_timeout: redeliver}\n",
 }
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll gently: under TCG every check (a systemctl, a scrape) costs real guest CPU."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.25)
 
 
 def run(*args: str, check: bool = True, timeout: float = 90) -> subprocess.CompletedProcess[str]:
@@ -205,21 +214,17 @@ def guest() -> Iterator[Guest]:
 
     g = Guest(Service(UNIT), Service(SIM_UNIT), eoid_gid)
     g.write_config()
-    # The simulated devices (and a simulated guest per device, which attaches
-    # through the control socket like a VMM and re-attaches after restarts).
+    # The simulated devices and a simulated guest per device, which attaches
+    # through the control socket like a VMM and re-attaches after restarts. No
+    # load: under TCG a load generator would eat the guest's only vCPU.
+    sim = ["sim", "-c", str(CONFIG), "--rate", "0"]
     run(
         "systemd-run",
         f"--unit={SIM_UNIT}",
         "--property=RuntimeDirectory=eoid-sim",
         "--setenv=PYTHONDONTWRITEBYTECODE=1",
         str(EOID),
-        "sim",
-        "-c",
-        str(CONFIG),
-        "--rate",
-        "50",
-        "--service-time",
-        "100us",
+        *sim,
     )
     assert wait_for_socket(SIM_SOCKET, 60, lambda: g.sim.prop("ActiveState") == "active"), run(
         "journalctl", "-u", SIM_UNIT, "--no-pager", check=False
@@ -230,12 +235,29 @@ def guest() -> Iterator[Guest]:
 
 
 @pytest.fixture
-def running(guest: Guest) -> Iterator[Guest]:
-    """eoid.service freshly started with a good configuration and both devices up."""
+def fresh(guest: Guest) -> Iterator[Guest]:
+    """eoid.service just started (not restarted) with a good configuration, devices up."""
     guest.write_config()
     guest.eoid.systemctl("stop")
     guest.eoid.systemctl("reset-failed", check=False)
     guest.eoid.systemctl("start")  # returns once READY=1 arrived (Type=notify)
+    guest.wait_devices_up()
+    yield guest
+    guest.write_config()
+
+
+@pytest.fixture
+def running(guest: Guest) -> Iterator[Guest]:
+    """eoid.service running with a good configuration on disk and every device up.
+
+    A service a previous test left running is reused: under TCG every start
+    costs some ten seconds of Python imports.
+    """
+    guest.write_config()
+    state = guest.eoid.show("ActiveState", "SubState")
+    if (state["ActiveState"], state["SubState"]) != ("active", "running"):
+        guest.eoid.systemctl("reset-failed", check=False)
+        guest.eoid.systemctl("start")
     guest.wait_devices_up()
     yield guest
     guest.write_config()
