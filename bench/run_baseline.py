@@ -97,8 +97,11 @@ def _spawn(
         fd_args = ["--fds-from", str(memfd)]
         pass_fds.append(memfd)
     try:
+        # "py-uvloop"/"py-asyncio": the minimal Python relay (bench/pyrelay.py)
+        command = ([sys.executable, "-m", "bench.pyrelay", "--loop", prog[3:]]
+                   if prog.startswith("py-") else [str(build(prog))])
         proc = subprocess.Popen(
-            [str(build(prog)), *fd_args, *args],
+            [*command, *fd_args, *args],
             pass_fds=pass_fds,
             stdin=stdin,
             stdout=subprocess.PIPE,
@@ -212,8 +215,12 @@ def run_baseline(
     drain: float = 1.0,
     pump_args: Sequence[str] = (),
     placement: str = "same",
+    relay: str = "baseline",
 ) -> dict[str, Any]:
     """Relay ``devices`` devices' interrupts with the C baseline under the pump's load.
+
+    ``relay="py-uvloop"`` or ``"py-asyncio"`` runs bench/pyrelay.py instead: the same
+    syscalls from the smallest possible Python event-loop program.
 
     Returns both programs' JSON (``baseline``, ``pump``), ``ok`` (both exited
     0: nothing lost), ``interrupts`` and ``cpu_us_per_interrupt``: the
@@ -237,7 +244,7 @@ def run_baseline(
         ready_r, ready_w = os.pipe()
         try:
             baseline = _spawn(
-                "baseline",
+                relay,
                 ["--ready-fd", str(ready_w)],
                 quads,
                 extra_fds=[ready_w],

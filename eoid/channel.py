@@ -37,6 +37,8 @@ TIMER = 4  # ``timer_at`` changed: make sure ``timer()`` is called at (or after)
 STORM_BEGIN = 8  # a storm episode started: log it (once per episode)
 STORM_END = 16  # the storm episode ended
 EOI_TIMEOUT = 32  # an EOI deadline passed: log it
+_FORWARD_TIMER = FORWARD | TIMER
+_UNMASK_TIMER = UNMASK | TIMER
 
 
 class Channel:
@@ -140,7 +142,7 @@ class Channel:
             return TIMER
         self.state = _PENDING
         self.timer_at = now + self._eoi_timeout
-        return FORWARD | TIMER
+        return _FORWARD_TIMER
 
     def eoi(self, count: int, now: int) -> int:
         """The consumer (or KVM's resampler) signalled the EOI eventfd ``count`` times."""
@@ -166,7 +168,7 @@ class Channel:
                 self._episode = False
                 self._backoff = self.policy.storm.backoff_initial
                 return UNMASK | TIMER | STORM_END
-            return UNMASK | TIMER
+            return _UNMASK_TIMER
         return self._throttle(now)
 
     # --- timers and consumers ------------------------------------------------------------

@@ -32,6 +32,10 @@ EFD_FLAGS = os.EFD_NONBLOCK | os.EFD_CLOEXEC
 TIMER_SLACK = 0.001  # uvloop timers have millisecond resolution: never wake up early
 
 
+def _no_device() -> None:
+    raise DeviceError("-", "unmask", "no device")
+
+
 class DeviceRunner:
     """Runs one device's INTx loop on the event loop; see the module docstring."""
 
@@ -50,6 +54,7 @@ class DeviceRunner:
         self.consumer: Peer | None = None
         self.down_reason: str | None = "not opened yet"
         self.faulted = False
+        self._device_unmask: Callable[[], None] = _no_device
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0
         self._log = structlog.get_logger("eoid.device").bind(device=self.name)
@@ -67,6 +72,7 @@ class DeviceRunner:
     def start(self, device: IntxDevice, adopted: bool = False) -> None:
         """Arm the line. ``adopted``: the device was enabled by a previous eoid process."""
         self.device = device
+        self._device_unmask = device.unmask  # bound once: called per interrupt
         self.down_reason = None
         self.faulted = False
         self.loop.add_reader(self.trigger_fd, self._on_trigger)
@@ -184,12 +190,11 @@ class DeviceRunner:
             self._schedule()
 
     def _unmask(self, since: int) -> None:
-        device = self.device
         stats = self.stats
-        if device is None or self.faulted:
+        if self.device is None or self.faulted:
             return
         try:
-            device.unmask()
+            self._device_unmask()
         except (DeviceError, OSError) as e:
             stats.errors["unmask"] += 1
             if stats.errors["unmask"] == 1:

@@ -1,0 +1,154 @@
+"""``python -m bench``: eoid against the best a userspace relay can do, in one run.
+
+For each scenario the C baseline (bench/baseline.c) and eoid run under the same C load
+generator (bench/pump.c), one after the other on the same pinned CPU, so the ratio of
+their CPU time per interrupt is measured in one run on one machine. Closed-loop scenarios
+also run the smallest possible Python relay (bench/pyrelay.py) to show the event loop's
+own floor. Every run checks that nothing was lost.
+
+    python -m bench            # the full matrix, a few minutes
+    python -m bench --quick    # under a minute (CI's smoke run; asserts no timings)
+    python -m bench --json     # one JSON object for machines
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from bench.run_baseline import placement_cpus, run_baseline
+from bench.run_eoid import idle_cpu_percent, measure, running
+
+
+@dataclass(frozen=True)
+class Scenario:
+    devices: int
+    loop: str
+    mode: str
+    rate: int | None = None
+
+    @property
+    def name(self) -> str:
+        load = "closed" if self.rate is None else f"paced {self.rate // 1000}k/s"
+        return f"{self.devices} dev, {self.loop}, {load}"
+
+
+def matrix(quick: bool) -> list[Scenario]:
+    if quick:
+        return [Scenario(1, "uvloop", "closed"), Scenario(64, "uvloop", "closed"),
+                Scenario(64, "asyncio", "closed"), Scenario(64, "uvloop", "paced", 10_000)]
+    out = [Scenario(n, loop, "closed") for n in (1, 64, 1024, 4096)
+           for loop in ("uvloop", "asyncio")]
+    out += [Scenario(1024, "uvloop", "paced", r) for r in (10_000, 50_000, 100_000)]
+    out += [Scenario(1024, "asyncio", "paced", 10_000)]
+    return out
+
+
+def machine() -> dict[str, Any]:
+    model = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f
+                         if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpus": os.cpu_count(), "cpu_model": model, "kernel": platform.release(),
+            "python": platform.python_version()}
+
+
+def run(quick: bool, duration: float, progress: bool) -> dict[str, Any]:
+    scenarios = matrix(quick)
+    relay_cpu, pump_cpu = placement_cpus("same")
+    results: list[dict[str, Any]] = []
+    arm: dict[str, float] = {}
+    idle: float | None = None
+    groups: dict[tuple[int, str], list[Scenario]] = {}
+    for s in scenarios:
+        groups.setdefault((s.devices, s.loop), []).append(s)
+    for (devices, loop), group in groups.items():
+        with running(devices, loop, relay_cpu) as daemon:
+            arm.setdefault(str(devices), daemon.arm_seconds)
+            rss = daemon.rss_bytes()
+            for s in group:
+                c = run_baseline(s.devices, s.mode, duration, s.rate)
+                e = measure(daemon, s.mode, duration, s.rate, pump_cpu)
+                row: dict[str, Any] = {
+                    "name": s.name, "devices": s.devices, "loop": s.loop, "mode": s.mode,
+                    "rate": s.rate, "interrupts_per_s": e["interrupts_per_s"],
+                    "cpu_us_per_interrupt": e["cpu_us_per_interrupt"],
+                    "c_cpu_us_per_interrupt": round(c["cpu_us_per_interrupt"], 3),
+                    "ratio_to_c": round(e["cpu_us_per_interrupt"] / c["cpu_us_per_interrupt"], 2)
+                    if e["cpu_us_per_interrupt"] and c["cpu_us_per_interrupt"] else None,
+                    "eoi_to_unmask_p50_us": e["eoi_to_unmask_p50_us"],
+                    "eoi_to_unmask_p99_us": e["eoi_to_unmask_p99_us"],
+                    "eoi_to_unmask_p999_us": e["eoi_to_unmask_p999_us"],
+                    "trigger_to_forward_p50_us": e["trigger_to_forward_p50_us"],
+                    "trigger_to_forward_p99_us": e["trigger_to_forward_p99_us"],
+                    "trigger_to_forward_p999_us": e["trigger_to_forward_p999_us"],
+                    "skipped": e["skipped"],
+                    "rss_bytes": rss, "rss_bytes_per_device": None,
+                    "lost": e["lost"] + (0 if c["ok"] else 1),
+                }
+                if s.mode == "closed":
+                    floor = run_baseline(s.devices, s.mode, duration, relay=f"py-{s.loop}")
+                    row["python_floor_cpu_us_per_interrupt"] = round(
+                        floor["cpu_us_per_interrupt"], 3)
+                results.append(row)
+                if progress:
+                    print(f"  {s.name}: {row['cpu_us_per_interrupt']} us/interrupt, "
+                          f"{row['ratio_to_c']}x C, lost {row['lost']}", file=sys.stderr)
+            if idle is None and (devices == 1024 or (quick and devices == 64)):
+                idle = idle_cpu_percent(daemon, 3.0)
+    by_loop: dict[str, list[dict[str, Any]]] = {}
+    for row in results:
+        by_loop.setdefault(row["loop"], []).append(row)
+    for rows in by_loop.values():  # RSS per device: the slope between the smallest and largest
+        small = min(rows, key=lambda r: r["devices"])
+        large = max(rows, key=lambda r: r["devices"])
+        if large["devices"] > small["devices"]:
+            slope = (large["rss_bytes"] - small["rss_bytes"]) / (large["devices"]
+                                                                 - small["devices"])
+            for row in rows:
+                row["rss_bytes_per_device"] = round(slope)
+    return {"machine": machine(), "duration_seconds": duration, "quick": quick,
+            "scenarios": results, "arm_seconds": arm, "idle_cpu_percent": idle}
+
+
+def table(report: dict[str, Any]) -> str:
+    head = ("scenario", "interrupts/s", "CPU us/irq", "C us/irq", "ratio to C",
+            "Python floor", "EOI->unmask p50/p99/p99.9 us", "trigger->forward p99 us",
+            "RSS MB", "lost")
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in report["scenarios"]:
+        rows.append("| " + " | ".join(str(v) for v in (
+            r["name"], f"{r['interrupts_per_s']:.0f}", r["cpu_us_per_interrupt"],
+            r["c_cpu_us_per_interrupt"], r["ratio_to_c"],
+            r.get("python_floor_cpu_us_per_interrupt", "-"),
+            f"{r['eoi_to_unmask_p50_us']}/{r['eoi_to_unmask_p99_us']}/"
+            f"{r['eoi_to_unmask_p999_us']}", r["trigger_to_forward_p99_us"],
+            f"{r['rss_bytes'] / 2**20:.1f}", r["lost"])) + " |")
+    arm = ", ".join(f"{n} devices {s:.3f} s" for n, s in report["arm_seconds"].items())
+    rows += ["", f"Arm time: {arm}. Idle CPU: {report['idle_cpu_percent']} %."]
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a small matrix, under a minute")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--duration", type=float, default=None,
+                        help="seconds of load per run (default 3, --quick 1)")
+    args = parser.parse_args(argv)
+    duration = args.duration or (1.0 if args.quick else 3.0)
+    report = run(args.quick, duration, progress=not args.json)
+    print(json.dumps(report, indent=2) if args.json else table(report))
+    return 1 if any(r["lost"] for r in report["scenarios"]) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
