@@ -19,8 +19,9 @@ small VM, so it is a parameter (``placement``):
   that of one CPU shared by both.
 - ``split``: relay on one CPU, pump on another: more throughput, and each
   write that wakes the other side pays a cross-CPU wakeup. The pump, having a
-  CPU of its own, polls rather than sleeps when its next fire is near
-  (``--spin-us 50``) so that it keeps up at 100k/s.
+  CPU of its own, could poll rather than sleep when its next fire is near
+  (``pump_args=["--spin-us", "50"]``) to keep up at 100k/s; that is left to
+  the caller so that every relay compared meets the same pump.
 - ``none``: wherever the scheduler puts them (varies run to run).
 
     python -m bench.run_baseline --devices 64 --mode closed --duration 3
@@ -260,12 +261,9 @@ def run_baseline(
             if ready_w >= 0:
                 os.close(ready_w)
 
-        # Only a pump on a CPU of its own may poll (see pump.c --spin-us);
-        # pump_args come after and so win.
-        spin = ["--spin-us", "50"] if placement == "split" else []
         busy0 = _machine_busy_s()
         pump = launch_pump(
-            quads, mode, duration, rate, drain=drain, pump_args=[*spin, *pump_args], cpu=pump_cpu
+            quads, mode, duration, rate, drain=drain, pump_args=pump_args, cpu=pump_cpu
         )
         procs.append(pump)
         pump_out, _ = pump.communicate(timeout=duration + drain + _EXIT_TIMEOUT)
