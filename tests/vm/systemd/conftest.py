@@ -17,11 +17,12 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from eoid.control import wait_for_socket
-from eoid.demo import Samples, scrape
+from eoid.demo import Samples, scrape, sim_call
 
 ROOT = Path(__file__).resolve().parents[3]
 UNIT = "eoid.service"
@@ -179,6 +180,21 @@ class Guest:
                 return False
 
         wait_until(up, timeout, "every device up in /metrics")
+
+    def sim_guest(self, device: str) -> dict[str, Any]:
+        """The simulated guest's counters for ``device`` (irqs, eois, handled, attaches)."""
+        guest: dict[str, Any] = sim_call(SIM_SOCKET, "stats")["lines"][device]["guest"]
+        return guest
+
+    def round_trip(self, device: str, timeout: float = 30) -> None:
+        """Assert the line once and wait until the guest has serviced it and sent the EOI."""
+        before = self.sim_guest(device)["eois"]
+        sim_call(SIM_SOCKET, "raise", line=device)
+        wait_until(
+            lambda: self.sim_guest(device)["eois"] > before,
+            timeout,
+            f"an interrupt of {device} delivered to its guest and EOId",
+        )
 
     def wait_consumers(self, timeout: float = 30) -> None:
         wait_until(
