@@ -16,6 +16,8 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.helpers import environment
+
 MONITORING = Path(__file__).resolve().parents[2] / "monitoring"
 RULES = MONITORING / "eoid-alerts.yaml"
 RULE_TESTS = MONITORING / "eoid-alerts.test.yaml"
@@ -231,6 +233,20 @@ def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
     result = promtool("check", "rules", str(path), cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_daemon_exports_every_metric_the_rules_and_dashboard_use() -> None:
+    """The name list above against a real daemon's /metrics, so neither can drift."""
+    used = set().union(
+        *(metric_names(rule["expr"]) for rule in alert_rules()),
+        *(metric_names(e) for e in dashboard_exprs()),
+    )
+    with environment(devices=1) as env:
+        env.start_sim()
+        env.start_daemon()
+        exported = set().union(*(metric_names(name) for name in env.scrape()))
+    assert used <= exported, used - exported
+    assert exported >= KNOWN  # every name of DESIGN.md section 6 is really exported
 
 
 @pytest.mark.parametrize(
