@@ -63,8 +63,9 @@ def test_verify_complains_about_nothing_but_the_uninstalled_executable(tmp_path:
     shutil.copy(UNIT, tmp_path / "eoid.service")
     result = systemd_analyze("verify", str(tmp_path / "eoid.service"))
     complaints = [line for line in result.stderr.splitlines() if line.strip()]
-    assert complaints, "expected a complaint about /opt/eoid/bin/eoid not existing here"
     assert all(INSTALLED_EOID in line for line in complaints), complaints
+    if not Path(INSTALLED_EOID).exists():  # the usual case: eoid not installed on this host
+        assert complaints, "expected a complaint about /opt/eoid/bin/eoid"
 
 
 def test_verify_would_catch_an_unknown_key(tmp_path: Path) -> None:
