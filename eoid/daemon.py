@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import resource
 import signal
 import time
 from collections.abc import Callable, Iterable
@@ -38,32 +39,22 @@ REOPEN_MAX = 30.0
 EXTEND_EVERY = 5.0  # seconds of start-up between EXTEND_TIMEOUT_USEC messages
 
 
-def open_backend(device: DeviceConfig, daemon: DaemonConfig) -> IntxDevice:
-    """Open a device's backend as its YAML file says."""
+def open_backend(device: DeviceConfig, daemon: DaemonConfig,
+                 adopt: dict[str, int] | None = None) -> IntxDevice:
+    """Open a device's backend as its YAML file says, or rebuild it from the fds a
+    previous eoid parked in the fd store (``adopt``)."""
     backend = device.backend
     if backend.type == "sim":
         from eoid.sim.backend import SimDevice
 
         return SimDevice(device.name, backend.line or device.name,
-                         backend.socket or daemon.sim.socket, device.pci_address)
-    from eoid.vfio.device import open_vfio_device
+                         backend.socket or daemon.sim.socket, device.pci_address, adopt=adopt)
+    from eoid.vfio.device import VfioDevice, open_vfio_device
 
+    if adopt is not None:
+        return VfioDevice.adopt(device.name, device.pci_address, adopt,
+                                request_irqs=backend.register_request_irqs)
     return open_vfio_device(device.name, device.pci_address,
-                            request_irqs=backend.register_request_irqs)
-
-
-def adopt_backend(device: DeviceConfig, daemon: DaemonConfig, fds: dict[str, int],
-                  ) -> IntxDevice:
-    """Rebuild a backend from the fds a previous eoid parked in the fd store."""
-    backend = device.backend
-    if backend.type == "sim":
-        from eoid.sim.backend import SimDevice
-
-        return SimDevice(device.name, backend.line or device.name,
-                         backend.socket or daemon.sim.socket, device.pci_address, adopt=fds)
-    from eoid.vfio.device import VfioDevice
-
-    return VfioDevice.adopt(device.name, device.pci_address, fds,
                             request_irqs=backend.register_request_irqs)
 
 
@@ -221,7 +212,7 @@ class Daemon:
         self.runners[device.name] = runner
         if fds:
             try:
-                runner.start(adopt_backend(device, self.config.daemon, fds), adopted=True)
+                runner.start(open_backend(device, self.config.daemon, fds), adopted=True)
                 return
             except EoidError as e:  # the parked device is unusable: open it afresh
                 self._log.warning("cannot adopt device; reopening", device=device.name,
@@ -419,6 +410,9 @@ def run_daemon(config: Config) -> None:
         import uvloop
 
         factory = uvloop.new_event_loop
+    # Six fds a device and one a consumer: take the whole hard limit (systemd: LimitNOFILE).
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     notifier = Notifier.from_environ(unset=True)
     adopted = adopt()
     with asyncio.Runner(loop_factory=factory) as runner, \
