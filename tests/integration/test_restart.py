@@ -208,3 +208,18 @@ def test_notify_protocol_ready_status_reload_and_watchdog() -> None:
             proc.send_signal(signal.SIGCONT)
             proc.terminate()
             proc.wait(10)
+
+
+def test_a_removed_device_leaves_the_store(supervised: Supervised) -> None:
+    env = supervised.env
+    (env.root / "devices.d" / "dev1.yaml").unlink()
+    assert supervised.proc is not None
+    supervised.proc.send_signal(signal.SIGHUP)
+
+    def stored() -> set[str]:
+        supervised.systemd.drain()
+        return {name for name, _ in supervised.systemd.store}
+
+    wait_until(lambda: not any(n.startswith("d.dev1.") for n in stored()), 10,
+               "dev1's fds removed from the store")
+    assert {"d.dev0.trigger", "d.dev0.sim"} <= stored()
