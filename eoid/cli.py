@@ -7,6 +7,7 @@ unavailable (EX_UNAVAILABLE), 78 a bad configuration (EX_CONFIG).
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import sys
@@ -143,6 +144,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     log.configure(args.log_format or config.daemon.log.format,
                   args.log_level or config.daemon.log.level)
+    faulthandler.enable()  # a watchdog kill (SIGABRT) leaves the wedged stack in the journal
     run_daemon(config)
     return EX_OK
 

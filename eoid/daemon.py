@@ -85,6 +85,7 @@ class Daemon:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._watchdog: asyncio.TimerHandle | None = None
         self._rate_mark = (0, time.monotonic())
+        self._status_note = ""  # kept in STATUS= until it no longer holds
         self._log = structlog.get_logger("eoid")
 
     def notify(self, state: str) -> None:
@@ -285,8 +286,10 @@ class Daemon:
             self.metrics.reloads["failure"] += 1
             self._log.error("reload rejected; the running configuration stays",
                             problems=e.problems)
-            self.notify(f"READY=1\nSTATUS=reload failed: {e.problems[0]}")
+            self._status_note = f"; last reload failed: {e.problems[0]}"
+            self.notify("READY=1\n" + self._status_line())
             return
+        self._status_note = ""
         changed = self._apply(new)
         self.metrics.reloads["success"] += 1
         self.metrics.last_reload_success = time.time()
@@ -397,7 +400,8 @@ class Daemon:
         last_total, last_time = self._rate_mark
         self._rate_mark = (total, now)
         rate = (total - last_total) / (now - last_time) if now > last_time else 0.0
-        return f"STATUS={up}/{len(self.runners)} devices up, {rate:.0f} interrupts/s"
+        return (f"STATUS={up}/{len(self.runners)} devices up, {rate:.0f} interrupts/s"
+                + self._status_note)
 
 
 def run_daemon(config: Config) -> None:

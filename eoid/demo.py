@@ -203,7 +203,7 @@ class Demo:
             raise EoidError(f"the {role} process did not start:\n{log}")
 
     def status(self) -> dict[str, Any]:
-        with ControlClient(self.control) as client:
+        with ControlClient(self.control, timeout=15) as client:
             return client.request("status")[0]
 
     def stop(self) -> None:

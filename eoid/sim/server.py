@@ -224,7 +224,8 @@ class SimServer:
         sock.setblocking(False)
         self._sock = sock
         self.loop.add_reader(sock.fileno(), self._accept)
-        self.loop.call_later(TICK, self._tick)
+        self._ticking = False
+        self._start_ticking()
         for guest in self.guests.values():
             self._tasks.append(self.loop.create_task(guest.run()))
 
@@ -259,7 +260,14 @@ class SimServer:
             if due > 0:
                 self._origin[name] = (origin, done + due)
                 line.queue(due)
-        self.loop.call_later(TICK, self._tick)
+        self._ticking = False
+        self._start_ticking()
+
+    def _start_ticking(self) -> None:
+        """Tick only while some line has a rate: an idle sim uses no CPU."""
+        if not self._ticking and self.loading and any(s.rate for s in self.specs.values()):
+            self._ticking = True
+            self.loop.call_later(TICK, self._tick)
 
     # --- the socket ------------------------------------------------------------------------
 
@@ -366,6 +374,7 @@ class SimServer:
             if "rate" in msg:
                 self._origin.pop(line.name, None)
                 spec.rate = float(msg["rate"])
+                self._start_ticking()
             if "stuck" in msg:
                 line.stuck = bool(msg["stuck"])
                 if not line.stuck:

@@ -163,6 +163,7 @@ def test_demo_kill_daemon_every_loses_nothing() -> None:
         [sys.executable, "-m", "eoid.cli", "demo", "--json", "--duration", "6", "--devices",
          "4", "--rate", "400", "--kill-daemon-every", "1.5", "--metrics-listen",
          f"127.0.0.1:{free_port()}"], capture_output=True, text=True, timeout=120, check=False)
+    assert result.stdout, result.stderr[-3000:]
     summary = json.loads(result.stdout)
     assert result.returncode == 0, summary
     assert summary["daemon_restarts"] >= 3
