@@ -65,6 +65,7 @@ class SimStandIn:
                 received = recv_msg(sock)
                 if received is None:
                     self._sel.unregister(sock)
+                    sock.close()
                     continue
                 message, fds = received
                 if message.get("op") == "open":

@@ -1,0 +1,38 @@
+"""The benchmark's parts work and check for loss (no timing is asserted: CI is noisy)."""
+
+from __future__ import annotations
+
+import os
+
+from bench.run_baseline import launch_pump, parse_output, run_baseline
+from bench.run_eoid import run_eoid
+
+
+def test_pump_reports_loss_when_nobody_relays() -> None:
+    fds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(4)]
+    try:
+        pump = launch_pump([fds], "closed", 0.2, None, drain=0.2)
+        out, _ = pump.communicate(timeout=30)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    assert pump.returncode == 1
+    result = parse_output("pump", pump, out)
+    assert result["fired"] > result["unmask_received"]
+
+
+def test_c_baseline_and_python_floor_relay_everything() -> None:
+    for relay in ("baseline", "py-uvloop"):
+        result = run_baseline(4, "closed", 0.3, relay=relay)
+        assert result["ok"], result
+        assert result["interrupts"] > 100
+        assert result["cpu_us_per_interrupt"] > 0
+
+
+def test_eoid_under_the_pump_loses_nothing() -> None:
+    for mode, rate in (("closed", None), ("paced", 2000)):
+        result = run_eoid(8, mode, 0.5, rate)
+        assert result["lost"] == 0, result
+        assert result["interrupts"] > 100
+        assert result["eoi_to_unmask_p99_us"] is not None
+        assert result["arm_seconds"] > 0
