@@ -44,8 +44,8 @@ _UNMASK_TIMER = UNMASK | TIMER
 class Channel:
     """State of one INTx line as eoid sees it; see the module docstring."""
 
-    __slots__ = ("_adopting", "_backoff", "_burst", "_eoi_timeout", "_episode", "_last_throttle",
-                 "_rate_per_ns", "_refilled", "_tokens", "attached",
+    __slots__ = ("_backoff", "_backoff_initial", "_eoi_timeout", "_episode", "_half",
+                 "_interval", "_last_throttle", "_limit", "_tat", "adopting", "attached",
                  "pending_since", "policy", "state", "stats", "stuck", "timer_at")
 
     def __init__(self, policy: Policy, stats: DeviceStats | None = None) -> None:
@@ -57,19 +57,19 @@ class Channel:
         self.timer_at: int | None = None
         self.pending_since = 0  # when the interrupt now pending (or held) was delivered
         self.stuck = False  # an EOI deadline passed and the policy kept waiting
-        self._tokens = float(policy.storm.burst)
-        self._refilled = 0
+        self._tat = 0  # the storm limiter's theoretical arrival time (see ``_take_token``)
         self._backoff = policy.storm.backoff_initial
         self._episode = False
         self._last_throttle = 0
-        self._adopting = False  # taken over from a previous eoid; see ``adopt``
+        # Taken over after a restart, and not yet known whether an interrupt is pending
+        # (see ``adopt``). A plain attribute: the shell reads it on every EOI.
+        self.adopting = False
 
     # --- lifecycle ---------------------------------------------------------------------
 
     def enable(self, now: int) -> int:
         """The trigger is registered and the line unmasked."""
         self.state = State.ARMED
-        self._refilled = now
         self.timer_at = None
         self.stuck = False
         return TIMER
@@ -99,7 +99,7 @@ class Channel:
         self.state = State.PENDING
         self.pending_since = now
         self.timer_at = now + self.policy.eoi_timeout
-        self._adopting = True
+        self.adopting = True
         return TIMER
 
     def disable(self) -> int:
@@ -113,15 +113,17 @@ class Channel:
         storm = policy.storm
         if storm != self.policy.storm:
             self._backoff = storm.backoff_initial
-            self._tokens = min(self._tokens, float(storm.burst))
         self.policy = policy
         self._prefetch()
 
     def _prefetch(self) -> None:
         """What the hot path reads of the policy, as plain attributes."""
+        storm = self.policy.storm
         self._eoi_timeout = self.policy.eoi_timeout
-        self._rate_per_ns = self.policy.storm.max_rate * 1e-9
-        self._burst = float(self.policy.storm.burst)
+        self._interval = max(1, round(1e9 / storm.max_rate))  # ns one token takes to refill
+        self._limit = storm.burst * self._interval
+        self._half = self._limit // 2
+        self._backoff_initial = storm.backoff_initial
 
     # --- the hot path --------------------------------------------------------------------
 
@@ -135,7 +137,7 @@ class Channel:
         if state is _DOWN or state is _HELD:
             return 0  # DOWN: a stale signal; HELD: already waiting for a consumer
         self.pending_since = now
-        self.stuck = self._adopting = False
+        self.stuck = self.adopting = False
         if not self.attached:
             self.state = _HELD
             self.timer_at = None
@@ -153,8 +155,8 @@ class Channel:
             if self.state is _ARMED and self.policy.unmask_on_spurious:
                 return UNMASK
             return 0
-        if self._adopting:
-            self._adopting = False  # not an interrupt we timed: no service time
+        if self.adopting:
+            self.adopting = False  # not an interrupt we timed: no service time
         else:
             elapsed = now - self.pending_since
             hist = stats.service
@@ -183,8 +185,8 @@ class Channel:
             return UNMASK | TIMER
         if self.state != State.PENDING:
             return TIMER
-        if self._adopting:
-            self._adopting = False
+        if self.adopting:
+            self.adopting = False
             self.state = State.ARMED
             return UNMASK | TIMER
         self.stats.eoi_timeouts += 1
@@ -213,8 +215,8 @@ class Channel:
         self.attached = False
         if self.state != State.PENDING:
             return 0
-        if self._adopting:  # nothing known to be pending: no consumer can still owe an EOI
-            self._adopting = False
+        if self.adopting:  # nothing known to be pending: no consumer can still owe an EOI
+            self.adopting = False
             self.state = State.ARMED
             self.timer_at = None
             return UNMASK | TIMER
@@ -226,19 +228,22 @@ class Channel:
     # --- storm protection ----------------------------------------------------------------
 
     def _take_token(self, now: int) -> bool:
-        """Spend one token of the bucket (refilled at ``max_rate``, holding ``burst``).
+        """Spend one token of a bucket refilled at ``max_rate`` and holding ``burst``.
 
-        Every interrupt spends a token, a throttled one too (the bucket goes into debt
-        until its deferred unmask), so the sustained rate never exceeds ``max_rate``.
-        A bucket at least half full means the device is back under its limit: the
-        backoff then starts again from ``backoff_initial``."""
-        tokens = self._tokens + (now - self._refilled) * self._rate_per_ns
-        self._refilled = now
-        tokens = min(self._burst, tokens)
-        if tokens * 2.0 >= self._burst:
-            self._backoff = self.policy.storm.backoff_initial
-        self._tokens = tokens = tokens - 1.0
-        return tokens >= 0.0
+        Kept as GCRA (the "virtual scheduling" form of a token bucket): one integer,
+        the theoretical arrival time ``_tat``; the bucket holds
+        ``(limit - (tat - now)) / interval`` tokens. Integer arithmetic only, since it
+        runs for every EOI. Every interrupt spends a token, a throttled one too (the
+        bucket goes into debt until its deferred unmask), so the sustained rate never
+        exceeds ``max_rate``. A bucket at least half full means the device is back under
+        its limit: the backoff then starts again from ``backoff_initial``."""
+        tat = self._tat
+        if tat - now <= self._half:
+            self._backoff = self._backoff_initial
+            tat = max(tat, now)  # a full bucket holds no more than ``burst``
+        tat += self._interval
+        self._tat = tat
+        return tat - now <= self._limit
 
     def _throttle(self, now: int) -> int:
         storm = self.policy.storm
@@ -247,7 +252,7 @@ class Channel:
         if not self._episode:
             self._episode = True
             actions |= STORM_BEGIN
-        repaid = int(-self._tokens * 1e9 / storm.max_rate) + 1  # until the debt is paid
+        repaid = self._tat - self._limit - now  # until the debt is paid
         self.state = State.THROTTLED
         self.timer_at = now + max(self._backoff, repaid)
         self._backoff = min(self._backoff * 2, storm.backoff_max)
@@ -258,7 +263,3 @@ class Channel:
     def in_storm(self) -> bool:
         return self._episode
 
-    @property
-    def adopting(self) -> bool:
-        """Taken over after a restart, and not yet known whether an interrupt is pending."""
-        return self._adopting

@@ -70,10 +70,10 @@ def test_eoi_with_nothing_pending_is_spurious_and_unmasks_nothing(state_setup: s
     if state_setup == "held":
         ch.trigger(1, 0)
     elif state_setup == "throttled":
-        ch.policy = policy(storm={"burst": 1, "max_rate": 1})
-        ch._tokens = 0.0
-        ch.trigger(1, 0)
-        ch.eoi(1, 1)
+        ch.set_policy(policy(storm={"burst": 1, "max_rate": 1}))
+        for now in (0, 1):  # the second interrupt within a second exceeds 1/s
+            ch.trigger(1, now)
+            ch.eoi(1, now)
         assert ch.state is State.THROTTLED
     elif state_setup == "down":
         ch.disable()
