@@ -17,12 +17,17 @@ import argparse
 import json
 import os
 import platform
+import resource
 import sys
 from dataclasses import dataclass
 from typing import Any
 
 from bench.run_baseline import placement_cpus, run_baseline
 from bench.run_eoid import idle_cpu_percent, measure, running
+
+# The most any one process of a run holds per device: eoid's trigger, irq and eoi
+# eventfds, its sim connection and unmask eventfd, and its share of the consumer.
+FDS_PER_DEVICE = 6
 
 
 @dataclass(frozen=True)
@@ -70,7 +75,14 @@ def run(quick: bool, duration: float, progress: bool) -> dict[str, Any]:
     groups: dict[tuple[int, str], list[Scenario]] = {}
     for s in scenarios:
         groups.setdefault((s.devices, s.loop), []).append(s)
+    skipped: list[str] = []
     for (devices, loop), group in groups.items():
+        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard != resource.RLIM_INFINITY and FDS_PER_DEVICE * devices + 256 > hard:
+            skipped += [f"{s.name}: needs {FDS_PER_DEVICE * devices + 256} open files, "
+                        f"RLIMIT_NOFILE's hard limit here is {hard}" for s in group]
+            print(f"  skipped: {skipped[-1]}", file=sys.stderr)
+            continue
         with running(devices, loop, relay_cpu) as daemon:
             arm.setdefault(str(devices), daemon.arm_seconds)
             rss = daemon.rss_bytes()
@@ -116,7 +128,8 @@ def run(quick: bool, duration: float, progress: bool) -> dict[str, Any]:
             for row in rows:
                 row["rss_bytes_per_device"] = round(slope)
     return {"machine": machine(), "duration_seconds": duration, "quick": quick,
-            "scenarios": results, "arm_seconds": arm, "idle_cpu_percent": idle}
+            "scenarios": results, "arm_seconds": arm, "idle_cpu_percent": idle,
+            "skipped": skipped}
 
 
 def table(report: dict[str, Any]) -> str:
@@ -134,6 +147,7 @@ def table(report: dict[str, Any]) -> str:
             f"{r['rss_bytes'] / 2**20:.1f}", r["lost"])) + " |")
     arm = ", ".join(f"{n} devices {s:.3f} s" for n, s in report["arm_seconds"].items())
     rows += ["", f"Arm time: {arm}. Idle CPU: {report['idle_cpu_percent']} %."]
+    rows += [f"Not run: {reason}." for reason in report["skipped"]]
     return "\n".join(rows)
 
 
@@ -145,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds of load per run (default 3, --quick 1)")
     args = parser.parse_args(argv)
     duration = args.duration or (1.0 if args.quick else 3.0)
-    report = run(args.quick, duration, progress=not args.json)
+    report = run(args.quick, duration, progress=True)  # progress goes to stderr
     print(json.dumps(report, indent=2) if args.json else table(report))
     return 1 if any(r["lost"] for r in report["scenarios"]) else 0
 

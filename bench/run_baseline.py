@@ -72,7 +72,12 @@ def ensure_nofile(needed: int) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != resource.RLIM_INFINITY and soft < needed:
         if hard != resource.RLIM_INFINITY and hard < needed:
-            raise OSError(f"need {needed} open files but RLIMIT_NOFILE's hard limit is {hard}")
+            try:  # root may raise the hard limit too (up to fs.nr_open)
+                resource.setrlimit(resource.RLIMIT_NOFILE, (needed, needed))
+                return
+            except (ValueError, OSError) as e:
+                raise OSError(f"need {needed} open files but RLIMIT_NOFILE's hard limit is "
+                              f"{hard}") from e
         resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
 
 

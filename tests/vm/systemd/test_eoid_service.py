@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from eoid.demo import sim_call
 from tests.helpers import Consumer
 from tests.vm.edu import bind_vfio, find_edus
 from tests.vm.systemd.conftest import (
@@ -21,6 +22,7 @@ from tests.vm.systemd.conftest import (
     DEVICES,
     EOID,
     RUNTIME_DIR,
+    SIM_SOCKET,
     WEDGE_SIGNAL,
     Guest,
     proc_status,
@@ -225,6 +227,38 @@ def test_restart_hands_devices_and_consumers_over_through_the_fd_store(running: 
         assert running.sim_guest(device)["attaches"] == attaches[device]
     assert running.metric("eoid_consumer_attached", device="sim0") == 1
     assert "consumer attached" not in running.eoid.journal(cursor)
+
+
+def test_kill_9_and_restart_under_load_lose_no_interrupt(running: Guest) -> None:
+    """Under load from the simulated devices and guests, a SIGKILL (restarted by
+    Restart=on-failure) and a systemctl restart lose no interrupt, and no guest
+    re-attaches: every device event raised is serviced by its guest in the end."""
+    running.wait_consumers()
+    attaches = {d: running.sim_guest(d)["attaches"] for d in DEVICES}
+    for device in DEVICES:
+        sim_call(SIM_SOCKET, "set", line=device, rate=100)
+    time.sleep(2)
+    pid, restarts = running.eoid.main_pid, int(running.eoid.prop("NRestarts"))
+    running.eoid.systemctl("kill", "--kill-whom=main", "--signal=SIGKILL")
+    wait_restarted(running.eoid, pid, restarts, timeout=60)
+    running.wait_devices_up()
+    time.sleep(2)
+    running.eoid.systemctl("restart")
+    running.wait_devices_up()
+    time.sleep(2)
+    for device in DEVICES:
+        sim_call(SIM_SOCKET, "set", line=device, rate=0)
+
+    def drained() -> bool:
+        lines = sim_call(SIM_SOCKET, "stats")["lines"]
+        return all(line["raised"] == line["acked"] and not line["asserted"]
+                   and not line["guest"]["in_service"] for line in lines.values())
+
+    wait_until(drained, 60, "every device event serviced by its guest")
+    lines = sim_call(SIM_SOCKET, "stats")["lines"]
+    for device in DEVICES:
+        assert lines[device]["raised"] > 300  # ~6 s at 100/s, across both restarts
+        assert lines[device]["guest"]["attaches"] == attaches[device]
 
 
 def test_stop_is_clean_and_drops_runtime_state(running: Guest) -> None:
