@@ -226,11 +226,11 @@ def running(devices: int, loop: str, cpu: int | None) -> Iterator[Daemon]:
 
 
 def measure(daemon: Daemon, mode: str, duration: float, rate: int | None,
-            pump_cpu: int | None) -> dict[str, Any]:
+            pump_cpu: int | None, *, pump_args: tuple[str, ...] = ()) -> dict[str, Any]:
     """One load run against an armed daemon: CPU, throughput, in-daemon latencies, lost."""
     before = daemon.scrape()
     cpu0 = daemon.cpu_us()
-    pump = launch_pump(daemon.quads(), mode, duration, rate, cpu=pump_cpu)
+    pump = launch_pump(daemon.quads(), mode, duration, rate, cpu=pump_cpu, pump_args=pump_args)
     out, _ = pump.communicate(timeout=duration + _EXIT_TIMEOUT)
     cpu1 = daemon.cpu_us()
     after = daemon.scrape()
