@@ -260,7 +260,7 @@ def measure(daemon: Daemon, mode: str, duration: float, rate: int | None,
 
 def idle_cpu_percent(daemon: Daemon, seconds: float) -> float:
     """CPU the armed daemon uses with no interrupts at all (no polling: should be 0)."""
-    time.sleep(1.0)  # let timers of the last load run fire once and lapse
+    time.sleep(3.0)  # past eoi_timeout (2 s): the last run's deadline timers fire once, lapse
     cpu0 = daemon.cpu_us()
     time.sleep(seconds)
     return round((daemon.cpu_us() - cpu0) / (seconds * 1e6) * 100, 3)
