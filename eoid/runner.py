@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import time
 from bisect import bisect_left
 from collections.abc import Callable
 from os import eventfd_read, eventfd_write
@@ -83,7 +82,7 @@ class DeviceRunner:
         for fd in device.event_fds():
             self.loop.add_reader(fd, self._on_device_event, fd)
         self.channel.attached = self.consumer is not None
-        now = time.monotonic_ns()
+        now = monotonic_ns()
         if adopted:
             # While no eoid ran, the line may have fired and the consumer may have sent
             # an EOI: the channel decides from both counts what is owed (E15).
@@ -247,7 +246,7 @@ class DeviceRunner:
         if self._timer is not None:
             self._timer.cancel()
         self._timer_at = at
-        delay = max(0.0, (at - time.monotonic_ns()) * 1e-9) + TIMER_SLACK
+        delay = max(0.0, (at - monotonic_ns()) * 1e-9) + TIMER_SLACK
         self._timer = self.loop.call_later(delay, self._on_timer)
 
     def _cancel_timer(self) -> None:
@@ -258,7 +257,7 @@ class DeviceRunner:
     def _on_timer(self) -> None:
         self._timer = None
         self._on_trigger()  # a fire not yet read must count before the channel may unmask
-        now = time.monotonic_ns()
+        now = monotonic_ns()
         self._act(self.channel.timer(now), now)
 
     def _act(self, actions: int, now: int) -> None:
@@ -295,7 +294,7 @@ class DeviceRunner:
         drain_eventfd(self.irq_fd)  # edges nobody read are not this consumer's to see
         self.consumer = peer
         peer.attached.add(self.name)
-        now = time.monotonic_ns()
+        now = monotonic_ns()
         if self.device is not None:
             self._act(self.channel.attach(now), now)
         else:
@@ -311,7 +310,7 @@ class DeviceRunner:
             self._on_eoi()  # an EOI written just before leaving still ends the interrupt
         self.consumer = None
         peer.attached.discard(self.name)
-        self._act(self.channel.detach(), time.monotonic_ns())
+        self._act(self.channel.detach(), monotonic_ns())
         drain_eventfd(self.irq_fd)
         self._log.info("consumer detached", pid=peer.pid, held=self.channel.state == State.HELD)
 
