@@ -20,16 +20,20 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prometheus_client.parser import text_string_to_metric_families
-
-from bench.run_baseline import ensure_nofile, launch_pump, parse_output, placement_cpus
+from bench.run_baseline import (
+    ensure_nofile,
+    launch_pump,
+    parse_output,
+    placement_cpus,
+    process_cpu_us,
+)
 from eoid.control import ControlClient, wait_for_socket
+from eoid.demo import Samples, scrape
 from eoid.stats import quantile
 from eoid.wire import recv_msg, send_msg
 
@@ -156,8 +160,6 @@ class Daemon:
         return (self.root / "daemon.log").read_text(errors="replace")
 
     def cpu_us(self) -> float:
-        from bench.run_baseline import process_cpu_us
-
         assert self.proc is not None
         return process_cpu_us(self.proc.pid)
 
@@ -168,14 +170,8 @@ class Daemon:
                 return int(line.split()[1]) * 1024
         return 0
 
-    def scrape(self) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=30) as r:
-            text = r.read().decode()
-        out: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
-        for family in text_string_to_metric_families(text):
-            for s in family.samples:
-                out.setdefault(s.name, {})[tuple(sorted(s.labels.items()))] = s.value
-        return out
+    def scrape(self) -> Samples:
+        return scrape(f"http://127.0.0.1:{self.port}/metrics", timeout=30)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -196,7 +192,7 @@ class Daemon:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-def _histogram(samples: dict[str, dict[tuple[tuple[str, str], ...], float]],
+def _histogram(samples: Samples,
                metric: str) -> list[int]:
     """Bucket counts of ``metric`` summed over devices, non-cumulative, by ``le``."""
     by_le: dict[float, float] = {}
@@ -207,7 +203,7 @@ def _histogram(samples: dict[str, dict[tuple[tuple[str, str], ...], float]],
     return [c - p for c, p in zip(cumulative, [0, *cumulative[:-1]], strict=True)]
 
 
-def _total(samples: dict[str, dict[tuple[tuple[str, str], ...], float]], metric: str) -> int:
+def _total(samples: Samples, metric: str) -> int:
     return int(sum(samples.get(metric, {}).values()))
 
 

@@ -333,10 +333,6 @@ class Config:
     daemon: DaemonConfig
     devices: dict[str, DeviceConfig]
 
-    @property
-    def devices_dir(self) -> Path:
-        return self.path.parent / self.daemon.devices_dir
-
 
 def load_device(path: Path, shown: str | None = None) -> DeviceConfig:
     """Load one device file; its name defaults to the file's stem."""

@@ -88,10 +88,11 @@ class Daemon:
         self._status_note = ""  # kept in STATUS= until it no longer holds
         self._log = structlog.get_logger("eoid")
 
-    def notify(self, state: str) -> None:
-        """Tell systemd; a manager that cannot be told must not stop the interrupts."""
+    def notify(self, send: Callable[..., bool], *args: Any, **fields: Any) -> None:
+        """Call one of ``Notifier``'s senders; a manager that cannot be told must not stop
+        the interrupts."""
         try:
-            self.notifier.send(state)
+            send(*args, **fields)
         except (OSError, EoidError) as e:
             self._log.warning("sd_notify failed", error=str(e))
 
@@ -134,7 +135,7 @@ class Daemon:
         for device in self.config.devices.values():
             self._add(device)
             if time.monotonic() - begun > EXTEND_EVERY:  # many slow devices: keep systemd patient
-                self.notify(f"EXTEND_TIMEOUT_USEC={int(2 * EXTEND_EVERY * 1e6)}")
+                self.notify(self.notifier.extend_timeout, 2 * EXTEND_EVERY)
                 begun = time.monotonic()
         arm_seconds = time.monotonic() - arming
         for name in self.adopted.close_rest():
@@ -144,7 +145,7 @@ class Daemon:
         for sig, handler in ((signal.SIGTERM, self.stop), (signal.SIGINT, self.stop),
                              (signal.SIGHUP, self.reload)):
             self._loop.add_signal_handler(sig, handler)
-        self.notify("READY=1\n" + self._status_line())
+        self.notify(self.notifier.ready, self._status())
         interval = watchdog_interval()
         if interval is not None:
             self._pet_watchdog(interval / 2)
@@ -160,14 +161,14 @@ class Daemon:
 
     def _pet_watchdog(self, every: float) -> None:
         """WATCHDOG=1 from the loop itself: a wedged loop stops petting and is restarted."""
-        self.notify("WATCHDOG=1\n" + self._status_line())
+        self.notify(self.notifier.notify, WATCHDOG=1, STATUS=self._status())
         self._watchdog = self.loop.call_later(every, self._pet_watchdog, every)
 
     def shutdown(self) -> None:
         """Stop serving. Under systemd with an fd store this is a handover: devices stay
         enabled and consumers connected in the store's copies, for the next eoid."""
         handover = self.store.enabled
-        self.notify("STOPPING=1")
+        self.notify(self.notifier.stopping)
         self._log.info("eoid stopping", handover=handover)
         loop = self._loop
         if loop is not None and not loop.is_closed():
@@ -279,7 +280,7 @@ class Daemon:
 
     def reload(self) -> None:
         """Re-read the configuration and apply it as a diff; a bad one changes nothing."""
-        self.notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        self.notify(self.notifier.reloading)
         try:
             new = load_config(self.config.path)
         except ConfigError as e:
@@ -287,14 +288,14 @@ class Daemon:
             self._log.error("reload rejected; the running configuration stays",
                             problems=e.problems)
             self._status_note = f"; last reload failed: {e.problems[0]}"
-            self.notify("READY=1\n" + self._status_line())
+            self.notify(self.notifier.ready, self._status())
             return
         self._status_note = ""
         changed = self._apply(new)
         self.metrics.reloads["success"] += 1
         self.metrics.last_reload_success = time.time()
         self._log.info("configuration reloaded", **changed)
-        self.notify("READY=1\n" + self._status_line())
+        self.notify(self.notifier.ready, self._status())
 
     def _apply(self, new: Config) -> dict[str, list[str]]:
         old = self.config
@@ -391,7 +392,7 @@ class Daemon:
             yield DeviceView(runner.name, runner.stats, runner.up, runner.consumer is not None,
                              runner.channel.state.name.lower(), info)
 
-    def _status_line(self) -> str:
+    def _status(self) -> str:
         """``STATUS=`` for ``systemctl status``: devices up, and the interrupt rate since
         the previous status line (sent with every watchdog ping)."""
         up = sum(r.up for r in self.runners.values())
@@ -400,8 +401,7 @@ class Daemon:
         last_total, last_time = self._rate_mark
         self._rate_mark = (total, now)
         rate = (total - last_total) / (now - last_time) if now > last_time else 0.0
-        return (f"STATUS={up}/{len(self.runners)} devices up, {rate:.0f} interrupts/s"
-                + self._status_note)
+        return f"{up}/{len(self.runners)} devices up, {rate:.0f} interrupts/s{self._status_note}"
 
 
 def run_daemon(config: Config) -> None:

@@ -43,9 +43,9 @@ HISTOGRAMS = ("eoid_interrupt_service_seconds", "eoid_unmask_latency_seconds",
 DRAIN_TIMEOUT = 15.0
 
 
-def scrape(url: str) -> Samples:
+def scrape(url: str, timeout: float = 10.0) -> Samples:
     """Every sample of a /metrics page: name → {sorted labels → value}."""
-    with urllib.request.urlopen(url, timeout=10) as response:
+    with urllib.request.urlopen(url, timeout=timeout) as response:
         text = response.read().decode()
     out: Samples = defaultdict(dict)
     for family in text_string_to_metric_families(text):
