@@ -225,6 +225,30 @@ class Channel:
         self.stuck = False
         return TIMER
 
+    # --- the fast path ---------------------------------------------------------------------
+
+    def lend(self) -> tuple[int, int, int | None, int, int, int, int, int, int, int] | None:
+        """What ``eoid._fastpath`` needs to run the two common transitions itself (a
+        trigger when ARMED, an EOI with a token to spare when PENDING), in
+        ``FastPath.take``'s order; None where the rules are less simple: not ARMED or
+        PENDING, no consumer, adopting, stuck, or in a storm episode."""
+        state = self.state
+        if (state is not _ARMED and state is not _PENDING) or not self.attached \
+                or self.adopting or self.stuck or self._episode:
+            return None
+        return (state, self.pending_since, self.timer_at, self._tat, self._backoff,
+                self._eoi_timeout, self._interval, self._limit, self._half,
+                self._backoff_initial)
+
+    def take_back(self, state: int, pending_since: int, timer_at: int | None, tat: int,
+                  backoff: int) -> None:
+        """The state as the fast path left it (it counted into its own arrays)."""
+        self.state = State(state)
+        self.pending_since = pending_since
+        self.timer_at = timer_at
+        self._tat = tat
+        self._backoff = backoff
+
     # --- storm protection ----------------------------------------------------------------
 
     def _take_token(self, now: int) -> bool:

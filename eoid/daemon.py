@@ -31,6 +31,7 @@ from eoid.errors import ConfigError, EoidError, ProtocolError
 from eoid.fdstore import EVENTFD_ROLES, Adopted, FdStore, device_fd_name
 from eoid.metrics import DaemonMetrics, DeviceView, Exporter, build_registry
 from eoid.runner import DeviceRunner
+from eoid.sim.backend import SimConnections, SimDevice
 from eoid.stats import DeviceStats
 from eoid.systemd import Notifier, watchdog_interval
 
@@ -39,16 +40,15 @@ REOPEN_MAX = 30.0
 EXTEND_EVERY = 5.0  # seconds of start-up between EXTEND_TIMEOUT_USEC messages
 
 
-def open_backend(device: DeviceConfig, daemon: DaemonConfig,
+def open_backend(device: DeviceConfig, daemon: DaemonConfig, sims: SimConnections,
                  adopt: dict[str, int] | None = None) -> IntxDevice:
     """Open a device's backend as its YAML file says, or rebuild it from the fds a
     previous eoid parked in the fd store (``adopt``)."""
     backend = device.backend
     if backend.type == "sim":
-        from eoid.sim.backend import SimDevice
-
         return SimDevice(device.name, backend.line or device.name,
-                         backend.socket or daemon.sim.socket, device.pci_address, adopt=adopt)
+                         backend.socket or daemon.sim.socket, device.pci_address,
+                         connections=sims, adopt=adopt)
     from eoid.vfio.device import VfioDevice, open_vfio_device
 
     if adopt is not None:
@@ -72,6 +72,7 @@ class Daemon:
         self.notifier = notifier or Notifier(None)
         self.adopted = adopted or Adopted()
         self.store = FdStore(self.notifier, self.adopted.state_fd)
+        self.sims = SimConnections(self.store, self.adopted.sims)
         self.runners: dict[str, DeviceRunner] = {}
         self.metrics = DaemonMetrics()
         self.exporter: Exporter | None = None
@@ -139,7 +140,7 @@ class Daemon:
                 begun = time.monotonic()
         arm_seconds = time.monotonic() - arming
         for name in self.adopted.close_rest():
-            self._forget_fds(name)
+            self.store.remove(name)
         self._save_state()
         self.metrics.last_reload_success = time.time()
         for sig, handler in ((signal.SIGTERM, self.stop), (signal.SIGINT, self.stop),
@@ -189,6 +190,7 @@ class Daemon:
         for runner in self.runners.values():
             runner.close()
         self.runners.clear()
+        self.sims.close()
         if self.control is not None:
             self.control.close(handover)
         if self.exporter is not None:
@@ -214,7 +216,8 @@ class Daemon:
         self.runners[device.name] = runner
         if fds:
             try:
-                runner.start(open_backend(device, self.config.daemon, fds), adopted=True)
+                self._start(runner, open_backend(device, self.config.daemon, self.sims, fds),
+                            adopted=True)
                 return
             except EoidError as e:  # the parked device is unusable: open it afresh
                 self._log.warning("cannot adopt device; reopening", device=device.name,
@@ -233,8 +236,8 @@ class Daemon:
         if pending is not None:
             pending.cancel()
         try:
-            device = open_backend(runner.config, self.config.daemon)
-            runner.start(device)
+            device = open_backend(runner.config, self.config.daemon, self.sims)
+            self._start(runner, device)
         except EoidError as e:
             runner.down_reason = str(e)
             self._log.warning("device not available", device=runner.name, error=str(e))
@@ -244,6 +247,11 @@ class Daemon:
         for role, fd in device.held_fds().items():
             self.store.put(device_fd_name(runner.name, role), fd)
         return True
+
+    def _start(self, runner: DeviceRunner, device: IntxDevice, adopted: bool = False) -> None:
+        runner.start(device, adopted)
+        if isinstance(device, SimDevice):  # its events come by callback, not on an fd
+            device.watch(self.loop, runner._on_device_event)
 
     def _device_down(self, runner: DeviceRunner, reason: str, held: list[str]) -> None:
         for role in held:
@@ -390,7 +398,7 @@ class Daemon:
             info = {"pci_address": runner.config.pci_address,
                     "backend": runner.config.backend.type}
             yield DeviceView(runner.name, runner.stats, runner.up, runner.consumer is not None,
-                             runner.channel.state.name.lower(), info)
+                             runner.state.name.lower(), info)
 
     def _status(self) -> str:
         """``STATUS=`` for ``systemctl status``: devices up, and the interrupt rate since

@@ -51,6 +51,11 @@ class IntxDevice(Protocol):
     def unmask(self) -> None:
         """Re-enable the line after an EOI (the hot path: one syscall)."""
 
+    def unmask_op(self) -> tuple[int, int, bytes] | None:
+        """``unmask`` as one raw syscall, for the C fast path: ``(fd, request, arg)`` for
+        ``ioctl(fd, request, arg)``, or ``(fd, 0, b"")`` for an eventfd write. None when it
+        is not one (the fast path then leaves each unmask to ``unmask``)."""
+
     def mask(self) -> None:
         """Mask the line (used around reconfiguration)."""
 

@@ -3,23 +3,30 @@
 Three eventfds per device, owned here and stable for the device's life (across consumer
 reconnects, reloads and, through systemd's fd store, restarts): ``trigger`` (registered
 with the backend), ``irq`` (the consumer's interrupt) and ``eoi`` (the consumer's end of
-interrupt). Callbacks are bound once per device; the hot path reads a counter, asks the
-channel, performs one syscall and records a latency in plain arrays.
+interrupt).
+
+The loop's readers of ``trigger`` and ``eoi`` are a ``FastPath`` (eoid/_fastpath.c).
+While the runner has lent it the channel's state, it runs the common round trip in C:
+read the trigger, forward, read the EOI, unmask, count. Whatever is not that common case
+comes back to ``_on_slow`` and the channel. Every entry point here first takes the state
+back from the fast path and lends it again when done (``_owning``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
-from bisect import bisect_left
 from collections.abc import Callable
-from os import eventfd_read, eventfd_write
+from os import eventfd_write
 from time import monotonic_ns
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import structlog
 
+from eoid import _fastpath
+from eoid._fastpath import NO_TIME, FastPath
 from eoid.channel import EOI_TIMEOUT, FORWARD, STORM_BEGIN, STORM_END, TIMER, UNMASK, Channel, State
 from eoid.config import DeviceConfig, format_duration
 from eoid.control import Peer
@@ -30,6 +37,25 @@ from eoid.stats import BUCKETS_NS, DeviceStats
 EFD_FLAGS = os.EFD_NONBLOCK | os.EFD_CLOEXEC
 TIMER_SLACK = 0.001  # uvloop timers have millisecond resolution: never wake up early
 
+_fastpath.set_buckets(BUCKETS_NS)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _owning(method: Callable[Concatenate[DeviceRunner, P], R]
+            ) -> Callable[Concatenate[DeviceRunner, P], R]:
+    """Run ``method`` with the channel's state taken back from the fast path, and lend it
+    again afterwards (if the line is then in a state the fast path may run)."""
+    def owning(self: DeviceRunner, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        self._reclaim()
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self._lend()
+    functools.update_wrapper(owning, method)
+    return owning
+
 
 def _refuse(device: str, reason: str) -> Callable[[], None]:
     """What ``unmask`` becomes when it must not reach the device (down, or faulted)."""
@@ -39,11 +65,15 @@ def _refuse(device: str, reason: str) -> Callable[[], None]:
 
 
 class DeviceRunner:
-    """Runs one device's INTx loop on the event loop; see the module docstring."""
+    """Runs one device's INTx loop on the event loop; see the module docstring.
+
+    ``fast=False`` keeps the fast path from ever holding the state, so every event takes
+    the Python path (tests compare the two)."""
 
     def __init__(self, config: DeviceConfig, loop: asyncio.AbstractEventLoop,
                  on_down: Callable[[DeviceRunner, str, list[str]], None],
-                 eventfds: dict[str, int] | None = None, stats: DeviceStats | None = None) -> None:
+                 eventfds: dict[str, int] | None = None, stats: DeviceStats | None = None,
+                 *, fast: bool = True) -> None:
         self.config = config
         self.name = config.name
         self.loop = loop
@@ -51,12 +81,13 @@ class DeviceRunner:
         fds = eventfds or {k: os.eventfd(0, EFD_FLAGS) for k in ("trigger", "irq", "eoi")}
         self.trigger_fd, self.irq_fd, self.eoi_fd = fds["trigger"], fds["irq"], fds["eoi"]
         self.channel = Channel(config.policy, stats)
-        self.stats = self.channel.stats
         self.device: IntxDevice | None = None
         self.consumer: Peer | None = None
         self.down_reason: str | None = "not opened yet"
         self.faulted = False
         self._device_unmask: Callable[[], None] = _refuse(self.name, "the device is down")
+        self._fast = FastPath(self.trigger_fd, self.irq_fd, self.eoi_fd, self._on_slow)
+        self._fast_allowed = fast
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0
         self._log = structlog.get_logger("eoid.device").bind(device=self.name)
@@ -69,16 +100,42 @@ class DeviceRunner:
     def eventfds(self) -> dict[str, int]:
         return {"trigger": self.trigger_fd, "irq": self.irq_fd, "eoi": self.eoi_fd}
 
+    @property
+    def stats(self) -> DeviceStats:
+        """The device's statistics, including what the fast path counted."""
+        counts = self._fast.take_counts()
+        stats = self.channel.stats
+        if counts is not None:
+            (interrupts, coalesced, eois, forwards, unmasks, forward_errors,
+             service, service_ns, dispatch, dispatch_ns, unmask, unmask_ns) = counts
+            stats.interrupts += interrupts
+            stats.coalesced_interrupts += coalesced
+            stats.eois += eois
+            stats.forwards += forwards
+            stats.unmasks += unmasks
+            stats.errors["forward"] += forward_errors
+            stats.service.add(service, service_ns)
+            stats.dispatch_latency.add(dispatch, dispatch_ns)
+            stats.unmask_latency.add(unmask, unmask_ns)
+        return stats
+
+    @property
+    def state(self) -> State:
+        fast = self._fast
+        return State(fast.state) if fast.fast else self.channel.state
+
     # --- lifecycle ---------------------------------------------------------------------
 
+    @_owning
     def start(self, device: IntxDevice, adopted: bool = False) -> None:
         """Arm the line. ``adopted``: the device was enabled by a previous eoid process."""
         self.device = device
-        self._device_unmask = device.unmask  # bound once: called per interrupt
+        self._device_unmask = device.unmask  # bound once
+        self._fast.set_unmask(*(device.unmask_op() or (-1,)))
         self.down_reason = None
         self.faulted = False
-        self.loop.add_reader(self.trigger_fd, self._on_trigger)
-        self.loop.add_reader(self.eoi_fd, self._on_eoi)
+        self.loop.add_reader(self.trigger_fd, self._fast.on_trigger)
+        self.loop.add_reader(self.eoi_fd, self._fast.on_eoi)
         for fd in device.event_fds():
             self.loop.add_reader(fd, self._on_device_event, fd)
         self.channel.attached = self.consumer is not None
@@ -92,7 +149,7 @@ class DeviceRunner:
             try:
                 device.enable(self.trigger_fd)
             except DeviceError as e:
-                self.stats.errors["enable"] += 1
+                self.channel.stats.errors["enable"] += 1
                 self.stop(f"enable failed: {e}")
                 raise
             self.channel.enable(now)
@@ -100,10 +157,12 @@ class DeviceRunner:
         self._log.info("device armed", backend=device.info.backend,
                        pci_address=device.info.pci_address, adopted=adopted)
 
+    @_owning
     def stop(self, reason: str, release: bool = True) -> None:
         """Take the device down. ``release=False`` keeps it enabled (handing over to a
         successor process through the fd store)."""
         self._device_unmask = _refuse(self.name, "the device is down")
+        self._fast.set_unmask(-1)
         device, self.device = self.device, None
         self.down_reason = reason
         self._cancel_timer()
@@ -134,104 +193,99 @@ class DeviceRunner:
             os.close(fd)
         self.trigger_fd = self.irq_fd = self.eoi_fd = -1
 
+    @_owning
     def set_config(self, config: DeviceConfig) -> None:
         """Apply a reloaded policy or consumer list in place, without touching the line."""
         self.config = config
         self.channel.set_policy(config.policy)
         peer = self.consumer
         if peer is not None and not config.consumers.allows(peer.uid, peer.gids):
-            self.detach(peer)
+            self._detach(peer)
             peer.notify({"event": "detached", "device": self.name,
                          "reason": "no longer allowed by the configuration"})
 
-    # --- the hot path --------------------------------------------------------------------
+    # --- the fast path's hand-over -------------------------------------------------------
 
-    # Histograms are observed inline (``counts[bisect_left(...)] += 1``) rather than
-    # through ``Histogram.observe``, and the two handlers inline their common case
-    # (forward, unmask): every call frame is a measurable part of this path (see
-    # bench/RESULTS.md). ``_forward`` and ``_unmask`` serve the rare paths.
+    def _reclaim(self) -> None:
+        """Take the channel's state back from the fast path, as it left it."""
+        lent = self._fast.release()
+        if lent is not None:
+            state, pending_since, timer_at, tat, backoff = lent
+            self.channel.take_back(state, pending_since, None if timer_at == NO_TIME
+                                   else timer_at, tat, backoff)
 
-    def _on_trigger(self) -> None:
-        try:
-            count = eventfd_read(self.trigger_fd)
-        except BlockingIOError:
-            return  # a spurious wake-up: the count was already consumed
+    def _lend(self) -> None:
+        """Lend the state to the fast path, if the device is healthy and the line is in
+        one of the states it runs (``Channel.lend``)."""
+        lent = self.channel.lend() if self.device is not None and not self.faulted \
+            and self._fast_allowed else None
+        if lent is None:
+            return
+        state, pending_since, timer_at, tat, backoff, eoi_timeout, interval, limit, half, \
+            backoff_initial = lent
+        self._fast.take(state, pending_since, NO_TIME if timer_at is None else timer_at, tat,
+                        backoff, eoi_timeout, interval, limit, half, backoff_initial,
+                        self._timer_at if self._timer is not None else NO_TIME)
+
+    # --- events the fast path does not handle ---------------------------------------------
+
+    @_owning
+    def _on_slow(self, kind: int, value: int) -> None:
+        """The fast path's hand-off: a trigger or EOI count it did not act on, or an
+        unmask it could not do itself (``value`` is then when the EOI was read)."""
+        if kind == _fastpath.TRIGGER:
+            self._trigger(value)
+        elif kind == _fastpath.EOI:
+            self._eoi(value)
+        else:
+            self._unmask(value)
+
+    def _trigger(self, count: int) -> None:
         now = monotonic_ns()
-        channel = self.channel
-        actions = channel.trigger(count, now)
-        if actions & FORWARD:
-            stats = self.stats
-            try:
-                eventfd_write(self.irq_fd, 1)
-            except OSError:
-                stats.errors["forward"] += 1
-            else:
-                stats.forwards += 1
-                elapsed = monotonic_ns() - now
-                hist = stats.dispatch_latency
-                hist.counts[bisect_left(BUCKETS_NS, elapsed)] += 1
-                hist.sum_ns += elapsed
-        if actions & TIMER and channel.timer_at is not None and (
-                self._timer is None or self._timer_at > channel.timer_at):
-            self._schedule()  # only when the loop timer would fire too late
+        self._act(self.channel.trigger(count, now), now)
+
+    def _eoi(self, count: int) -> None:
+        if self.channel.adopting:
+            self._read_trigger()  # the line may be unmasked: a fire must count first
+        now = monotonic_ns()
+        actions = self.channel.eoi(count, now)
+        self._act(actions, now)
+        if actions & (STORM_BEGIN | STORM_END):
+            self._log_storm(actions)
+
+    def _read_trigger(self) -> None:
+        count = drain_eventfd(self.trigger_fd)
+        if count:
+            self._trigger(count)
+
+    def _settle(self) -> None:
+        """Handle what the eventfds hold now, before a decision that depends on it."""
+        self._read_trigger()
+        count = drain_eventfd(self.eoi_fd)
+        if count:
+            self._eoi(count)
 
     def _forward(self, since: int) -> None:
-        stats = self.stats
+        stats = self.channel.stats
         try:
             eventfd_write(self.irq_fd, 1)
         except OSError:
             stats.errors["forward"] += 1
             return
         stats.forwards += 1
-        elapsed = monotonic_ns() - since
-        hist = stats.dispatch_latency
-        hist.counts[bisect_left(BUCKETS_NS, elapsed)] += 1
-        hist.sum_ns += elapsed
-
-    def _on_eoi(self) -> None:
-        try:
-            count = eventfd_read(self.eoi_fd)
-        except BlockingIOError:
-            return
-        channel = self.channel
-        if channel.adopting:
-            self._on_trigger()  # the line may be unmasked: a fire must count first
-        now = monotonic_ns()
-        actions = channel.eoi(count, now)
-        if actions & UNMASK:
-            stats = self.stats
-            try:
-                self._device_unmask()
-            except (DeviceError, OSError) as e:
-                self._unmask_failed(e)
-            else:
-                stats.unmasks += 1
-                elapsed = monotonic_ns() - now
-                hist = stats.unmask_latency
-                hist.counts[bisect_left(BUCKETS_NS, elapsed)] += 1
-                hist.sum_ns += elapsed
-        if actions & (STORM_BEGIN | STORM_END):
-            self._log_storm(actions)
-        if actions & TIMER and self.channel.timer_at is not None:
-            self._schedule()
+        stats.dispatch_latency.observe(monotonic_ns() - since)
 
     def _unmask(self, since: int) -> None:
-        stats = self.stats
+        stats = self.channel.stats
         try:
             self._device_unmask()
         except (DeviceError, OSError) as e:
-            self._unmask_failed(e)
+            stats.errors["unmask"] += 1
+            if stats.errors["unmask"] == 1:
+                self._log.error("unmask failed", error=str(e))
             return
         stats.unmasks += 1
-        elapsed = monotonic_ns() - since
-        hist = stats.unmask_latency
-        hist.counts[bisect_left(BUCKETS_NS, elapsed)] += 1
-        hist.sum_ns += elapsed
-
-    def _unmask_failed(self, error: Exception) -> None:
-        self.stats.errors["unmask"] += 1
-        if self.stats.errors["unmask"] == 1:
-            self._log.error("unmask failed", error=str(error))
+        stats.unmask_latency.observe(monotonic_ns() - since)
 
     # --- timers ----------------------------------------------------------------------------
 
@@ -254,9 +308,10 @@ class DeviceRunner:
             self._timer.cancel()
             self._timer = None
 
+    @_owning
     def _on_timer(self) -> None:
         self._timer = None
-        self._on_trigger()  # a fire not yet read must count before the channel may unmask
+        self._read_trigger()  # a fire not yet read must count before the channel may unmask
         now = monotonic_ns()
         self._act(self.channel.timer(now), now)
 
@@ -277,10 +332,11 @@ class DeviceRunner:
             self._log.warning("interrupt storm: deferring unmasks",
                               max_rate=self.channel.policy.storm.max_rate)
         else:
-            self._log.info("interrupt storm over", throttles=self.stats.storm_throttles)
+            self._log.info("interrupt storm over", throttles=self.channel.stats.storm_throttles)
 
     # --- consumers -----------------------------------------------------------------------
 
+    @_owning
     def attach(self, peer: Peer) -> list[int]:
         """Give ``peer`` the device's irq and eoi eventfds (dups; the caller closes them)."""
         if not self.config.consumers.allows(peer.uid, peer.gids):
@@ -289,8 +345,7 @@ class DeviceRunner:
             raise ProtocolError("busy", f"{self.name} already has a consumer "
                                 f"(pid {self.consumer.pid})")
         if self.device is not None:
-            self._on_trigger()  # settle what happened before this consumer existed
-            self._on_eoi()
+            self._settle()  # what happened before this consumer existed
         drain_eventfd(self.irq_fd)  # edges nobody read are not this consumer's to see
         self.consumer = peer
         peer.attached.add(self.name)
@@ -302,12 +357,17 @@ class DeviceRunner:
         self._log.info("consumer attached", pid=peer.pid, uid=peer.uid)
         return [os.dup(self.irq_fd), os.dup(self.eoi_fd)]
 
+    @_owning
     def detach(self, peer: Peer) -> None:
+        self._detach(peer)
+
+    def _detach(self, peer: Peer) -> None:
         if self.consumer is not peer:
             raise ProtocolError("not_attached", f"not attached to {self.name}")
         if self.device is not None:
-            self._on_trigger()  # settle the line before the channel decides (it may unmask)
-            self._on_eoi()  # an EOI written just before leaving still ends the interrupt
+            # the line first (the channel may unmask); an EOI written just before
+            # leaving still ends the interrupt
+            self._settle()
         self.consumer = None
         peer.attached.discard(self.name)
         self._act(self.channel.detach(), monotonic_ns())
@@ -316,6 +376,7 @@ class DeviceRunner:
 
     # --- device events -------------------------------------------------------------------
 
+    @_owning
     def _on_device_event(self, fd: int) -> None:
         device = self.device
         if device is None:
@@ -323,7 +384,7 @@ class DeviceRunner:
         event = device.read_event(fd)
         if event is None:
             return
-        self.stats.errors["device_event"] += event is DeviceEvent.ERROR
+        self.channel.stats.errors["device_event"] += event is DeviceEvent.ERROR
         if event is DeviceEvent.ERROR:
             self.faulted = True
             self._device_unmask = _refuse(self.name, "the device reported an error")
@@ -340,7 +401,7 @@ class DeviceRunner:
 
     def status(self) -> dict[str, Any]:
         ch = self.channel
-        return {"name": self.name, "up": self.up, "state": ch.state.name.lower(),
+        return {"name": self.name, "up": self.up, "state": self.state.name.lower(),
                 "down_reason": self.down_reason, "faulted": self.faulted, "stuck": ch.stuck,
                 "storm": ch.in_storm, "pci_address": self.config.pci_address,
                 "backend": self.config.backend.type,

@@ -32,6 +32,13 @@ class Histogram:
         self.counts[bisect_left(BUCKETS_NS, ns)] += 1
         self.sum_ns += ns
 
+    def add(self, counts: tuple[int, ...], sum_ns: int) -> None:
+        """Fold in observations counted elsewhere (the fast path's own buckets)."""
+        for i, n in enumerate(counts):
+            if n:
+                self.counts[i] += n
+        self.sum_ns += sum_ns
+
     @property
     def count(self) -> int:
         return sum(self.counts)

@@ -80,6 +80,9 @@ class SimDevice:
     def unmask(self) -> None:
         os.eventfd_write(self.unmask_fd, 1)
 
+    def unmask_op(self) -> tuple[int, int, bytes]:
+        return (self.unmask_fd, 0, b"")
+
     def mask(self) -> None:
         self._call("mask")
 

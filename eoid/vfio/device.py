@@ -251,6 +251,9 @@ class VfioDevice:
         except OSError as exc:
             raise _failed(self.name, "unmask", self.pci_address, exc) from exc
 
+    def unmask_op(self) -> tuple[int, int, bytes] | None:
+        return None if self._closed else self._api.raw_set_irqs(self._fd, uapi.UNMASK_INTX)
+
     def mask(self) -> None:
         self._call("mask", lambda: self._api.device_set_irqs(self._fd, uapi.MASK_INTX))
 

@@ -271,6 +271,11 @@ class VfioApi(Protocol):
         """A ready-bound ``SET_IRQS`` call: the hot path pays one call, no packing."""
         ...
 
+    def raw_set_irqs(self, device: int, request: bytes) -> tuple[int, int, bytes] | None:
+        """``SET_IRQS`` as ``(fd, ioctl request, arg)`` for the C fast path to issue
+        itself; None where it is no real ioctl (the twin)."""
+        ...
+
     def device_reset(self, device: int) -> None: ...
 
     def device_bind_iommufd(self, device: int, iommufd: int) -> int:
@@ -353,6 +358,9 @@ class KernelVfio:
 
     def prepare_set_irqs(self, device: int, request: bytes) -> Callable[[], object]:
         return functools.partial(fcntl.ioctl, device, VFIO_DEVICE_SET_IRQS, request)
+
+    def raw_set_irqs(self, device: int, request: bytes) -> tuple[int, int, bytes]:
+        return (device, VFIO_DEVICE_SET_IRQS, request)
 
     def device_reset(self, device: int) -> None:
         fcntl.ioctl(device, VFIO_DEVICE_RESET, 0)
