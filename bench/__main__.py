@@ -24,12 +24,14 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from bench.run_baseline import placement_cpus, run_baseline
+from bench.run_baseline import ensure_nofile, placement_cpus, run_baseline
 from bench.run_eoid import idle_cpu_percent, measure, running
 
-# The most any one process of a run holds per device: eoid's trigger, irq and eoi
-# eventfds, its sim connection and unmask eventfd, and its share of the consumer.
-FDS_PER_DEVICE = 6
+# The most any one process of a run holds per device: this one, while the C baseline runs
+# beside an armed eoid (the sim stand-in's trigger and unmask, the consumer's irq and eoi,
+# and the baseline's four eventfds). eoid holds 4 (three eventfds and the sim unmask
+# eventfd; one sim connection for all), the pump and the C relay 4 each.
+FDS_PER_DEVICE = 8
 
 
 @dataclass(frozen=True)
@@ -92,11 +94,13 @@ def run(quick: bool, duration: float, progress: bool) -> dict[str, Any]:
     skipped: list[str] = []
     for (devices, loop), group in groups.items():
         _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if hard != resource.RLIM_INFINITY and FDS_PER_DEVICE * devices + 256 > hard:
-            skipped += [f"{s.name}: needs {FDS_PER_DEVICE * devices + 256} open files, "
+        needed = FDS_PER_DEVICE * devices + 256
+        if hard != resource.RLIM_INFINITY and needed > hard:
+            skipped += [f"{s.name}: needs {needed} open files, "
                         f"RLIMIT_NOFILE's hard limit here is {hard}" for s in group]
             print(f"  skipped: {skipped[-1]}", file=sys.stderr)
             continue
+        ensure_nofile(needed)
         with running(devices, loop, relay_cpu) as daemon:
             arm.setdefault(str(devices), daemon.arm_seconds)
             rss = daemon.rss_bytes()

@@ -1,7 +1,7 @@
 """Run the real eoid daemon under the C pump: the same load as the baseline, eoid's fds.
 
-The harness stands in for ``eoid sim`` (a tiny sim server that accepts the daemon's sim
-backend and keeps the trigger and unmask eventfds it is sent) and for the consumers
+The harness stands in for ``eoid sim`` (a tiny sim server that answers the daemon's sim
+connection and keeps the trigger and unmask eventfds of each line) and for the consumers
 (one control connection attached to every device, keeping the irq and eoi eventfds).
 Those real fds go to ``pump`` (bench/pump.c), so the load is generated in C and the
 daemon is the only Python on the hot path. The daemon is a real ``eoid run`` process.
@@ -35,6 +35,7 @@ from bench.run_baseline import (
 from eoid.control import ControlClient, wait_for_socket
 from eoid.demo import Samples, scrape
 from eoid.stats import quantile
+from eoid.systemd import close_all
 from eoid.wire import recv_msg, send_msg
 
 _START_TIMEOUT = 120.0
@@ -47,7 +48,6 @@ class SimStandIn:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.lines: dict[str, tuple[int, int]] = {}
-        self._owner: dict[socket.socket, str] = {}
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         self._sock.bind(str(path))
         self._sock.listen(4096)
@@ -72,14 +72,12 @@ class SimStandIn:
                     sock.close()
                     continue
                 message, fds = received
-                if message.get("op") == "open":
-                    self._owner[sock] = str(message["line"])
-                elif message.get("op") == "enable" and len(fds) == 2:
-                    self.lines[self._owner[sock]] = (fds[0], fds[1])
+                if message.get("op") == "enable" and len(fds) == 2:
+                    close_all(self.lines.pop(str(message["line"]), ()))
+                    self.lines[str(message["line"])] = (fds[0], fds[1])
                     fds = []
-                for fd in fds:
-                    os.close(fd)
-                send_msg(sock, {"ok": True})
+                close_all(fds)
+                send_msg(sock, {"ok": True, "id": message.get("id")})
 
     def close(self) -> None:
         self._stop.set()
@@ -127,7 +125,7 @@ class Daemon:
                 f"pci_address: '0000:{i // 256:02x}:{(i // 8) % 32:02x}.{i % 8}'\n"
                 "backend: {type: sim}\npolicy: {storm: {max_rate: 1.0e+9, burst: 1000000}}\n")
         self.sim = SimStandIn(self.root / "sim.sock")
-        ensure_nofile(8 * self.devices + 256)
+        ensure_nofile(4 * self.devices + 256)  # the stand-in's 2 fds a device, the consumer's 2
         with (self.root / "daemon.log").open("wb") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "eoid.cli", "run", "-c", str(self.root / "eoid.yaml")],

@@ -7,7 +7,9 @@ eoid hands systemd (``FDSTORE=1``) a copy of everything a successor needs, under
 - ``control``: the listening control socket;
 - ``peer.N``: each consumer's connection (the consumer never sees it close);
 - ``d.<device>.<role>``: each device's ``trigger``/``irq``/``eoi`` eventfds and the fds
-  its backend holds (``device``/``group``/``container`` for vfio, ``sim``/``unmask``);
+  its backend holds (``device``/``group``/``container`` for vfio, ``unmask`` for sim);
+- ``sim.<hash>``: the connection to an ``eoid sim`` process, which all the sim devices on
+  its socket share (stored once: PID 1 keeps one copy of an fd, under its first name);
 - ``state``: a memfd with a small versioned JSON record (which peer holds which device,
   the counters at the last graceful stop).
 
@@ -16,6 +18,7 @@ A restarted eoid gets them back through ``LISTEN_FDS``/``LISTEN_FDNAMES``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
@@ -35,6 +38,12 @@ def device_fd_name(device: str, role: str) -> str:
     return f"d.{device}.{role}"
 
 
+def sim_fd_name(socket_path: str) -> str:
+    """The name of the connection to the sim at ``socket_path``: a hash, since a path may
+    hold what an fd name may not (``:``, non-ASCII) and be longer."""
+    return "sim." + hashlib.sha256(socket_path.encode()).hexdigest()[:16]
+
+
 @dataclass
 class Adopted:
     """What a previous eoid left us: sorted by purpose, all fds ours to keep or close."""
@@ -42,6 +51,7 @@ class Adopted:
     control: socket.socket | None = None
     peers: dict[str, socket.socket] = field(default_factory=dict)
     devices: dict[str, dict[str, int]] = field(default_factory=dict)  # device → role → fd
+    sims: dict[str, int] = field(default_factory=dict)  # sim_fd_name → fd, claimed on use
     state: dict[str, Any] = field(default_factory=dict)
     state_fd: int | None = None
 
@@ -56,11 +66,15 @@ class Adopted:
         return None
 
     def close_rest(self) -> list[str]:
-        """Close whatever nobody adopted (devices removed from the config meanwhile)."""
-        names = sorted(self.devices)
+        """Close whatever nobody adopted (devices removed from the config meanwhile, sim
+        connections no device uses any more); the store names to remove."""
+        names = [device_fd_name(device, role) for device, fds in sorted(self.devices.items())
+                 for role in sorted(fds)] + sorted(self.sims)
         for fds in self.devices.values():
             close_all(fds.values())
         self.devices.clear()
+        close_all(self.sims.values())
+        self.sims.clear()
         for sock in self.peers.values():
             sock.close()
         self.peers.clear()
@@ -78,6 +92,8 @@ def adopt(environ: dict[str, str] | None = None) -> Adopted:
         elif name == "state" and len(fds) == 1:
             adopted.state_fd = fds.pop()
             adopted.state = _read_state(adopted.state_fd)
+        elif name.startswith("sim.") and len(fds) == 1:
+            adopted.sims[name] = fds.pop()
         elif name.startswith("d.") and "." in name[2:] and len(fds) == 1:
             device, _, role = name[2:].rpartition(".")
             adopted.devices.setdefault(device, {})[role] = fds.pop()

@@ -5,6 +5,11 @@ load on them, and can attach a simulated guest to each device through the daemon
 control socket exactly as a VMM would. A guest services its device (acks it, which
 drops the line) and then writes the EOI; that is the same order a real driver uses.
 Tools talk to the same socket: ``stats``, ``quiesce``, ``raise``, ``request`` and ``set``.
+
+One daemon connection serves any number of lines: ``open``, ``enable``, ``mask``,
+``disable`` and ``close`` name their ``line``, events (``{"event": "request", "line": …}``)
+name theirs, and a reply echoes the request's ``id``. A connection that closes takes
+its lines down, as closing a VFIO device fd does.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from eoid.device import drain_eventfd
 from eoid.errors import EoidError, ProtocolError
 from eoid.sim.line import SimLine
 from eoid.stats import Histogram
+from eoid.systemd import close_all
 from eoid.wire import recv_msg, send_msg
 
 TICK = 0.001  # load generator resolution: events due are raised in one batch per tick
@@ -207,7 +213,7 @@ class SimServer:
         self.loading = True
         self.started = time.monotonic()
         self._origin: dict[str, tuple[float, int]] = {}  # line → (load start, events raised)
-        self._conns: dict[socket.socket, str | None] = {}
+        self._conns: dict[socket.socket, set[str]] = {}  # connection → the lines it opened
         self._sock: socket.socket | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._log = structlog.get_logger("eoid.sim")
@@ -279,19 +285,24 @@ class SimServer:
             except BlockingIOError:
                 return
             conn.setblocking(False)
-            self._conns[conn] = None
+            self._conns[conn] = set()
             self.loop.add_reader(conn.fileno(), self._readable, conn)
 
     def _drop(self, conn: socket.socket) -> None:
-        name = self._conns.pop(conn, None)
-        if name is not None and self.owners.get(name) is conn:
-            del self.owners[name]
-            line = self.lines[name]
-            if line.unmask_fd >= 0:
-                self.loop.remove_reader(line.unmask_fd)
-            line.disable()  # like closing a VFIO device fd: INTx is torn down
+        for name in self._conns.pop(conn, set()):
+            self._release(name)
         self.loop.remove_reader(conn.fileno())
         conn.close()
+
+    def _release(self, name: str) -> None:
+        """Like closing a VFIO device fd: INTx is torn down and the line is free again."""
+        del self.owners[name]
+        self._disable(self.lines[name])
+
+    def _disable(self, line: SimLine) -> None:
+        if line.unmask_fd >= 0:
+            self.loop.remove_reader(line.unmask_fd)
+        line.disable()
 
     def _readable(self, conn: socket.socket) -> None:
         try:
@@ -307,47 +318,52 @@ class SimServer:
         try:
             reply = self._handle(conn, message, fds)
         except ProtocolError as e:
-            for fd in fds:
-                os.close(fd)
             reply = {"ok": False, "error": {"code": e.code, "message": str(e)}}
+        if "id" in message:
+            reply["id"] = message["id"]
         with contextlib.suppress(OSError):
             send_msg(conn, reply)
 
     def _handle(self, conn: socket.socket, msg: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        """Answer one request; the fds that came with it are ours to keep or close."""
         op = msg.get("op")
+        if op == "enable":
+            try:
+                line = self._owned(conn, msg)
+                if len(fds) != 2:
+                    raise ProtocolError("bad_request", "enable needs a trigger and an unmask fd")
+            except ProtocolError:
+                close_all(fds)
+                raise
+            self._disable(line)
+            line.enable(fds[0], fds[1])
+            self.loop.add_reader(line.unmask_fd, line.on_unmask)
+            return {"ok": True}
+        close_all(fds)
         if op == "open":
             name = str(msg.get("line"))
             if name not in self.lines:
                 raise ProtocolError("unknown_line", f"no simulated line {name!r}")
-            if name in self.owners:
+            if self.owners.setdefault(name, conn) is not conn:
                 raise ProtocolError("busy", f"line {name!r} is already open")
-            self.owners[name] = conn
-            self._conns[conn] = name
+            self._conns[conn].add(name)
             return {"ok": True, "line": name}
-        if op in ("enable", "mask", "disable"):
-            line = self._owned(conn)
-            if op == "enable":
-                if len(fds) != 2:
-                    raise ProtocolError("bad_request", "enable needs a trigger and an unmask fd")
-                if line.unmask_fd >= 0:
-                    self.loop.remove_reader(line.unmask_fd)
-                line.enable(fds[0], fds[1])
-                self.loop.add_reader(line.unmask_fd, line.on_unmask)
-            elif op == "mask":
+        if op in ("mask", "disable", "close"):
+            line = self._owned(conn, msg)
+            if op == "mask":
                 line.mask()
+            elif op == "disable":
+                self._disable(line)
             else:
-                if line.unmask_fd >= 0:
-                    self.loop.remove_reader(line.unmask_fd)
-                line.disable()
+                self._conns[conn].discard(line.name)
+                self._release(line.name)
             return {"ok": True}
-        for fd in fds:
-            os.close(fd)
         return self._tool(msg)
 
-    def _owned(self, conn: socket.socket) -> SimLine:
-        name = self._conns.get(conn)
-        if name is None:
-            raise ProtocolError("not_open", "open a line first")
+    def _owned(self, conn: socket.socket, msg: dict[str, Any]) -> SimLine:
+        name = str(msg.get("line"))
+        if self.owners.get(name) is not conn:
+            raise ProtocolError("not_open", f"line {name!r} is not open on this connection")
         return self.lines[name]
 
     def _tool(self, msg: dict[str, Any]) -> dict[str, Any]:
@@ -383,7 +399,7 @@ class SimServer:
             owner = self.owners.get(line.name)
             if owner is None:
                 raise ProtocolError("not_open", f"line {line.name!r} is not open")
-            send_msg(owner, {"event": op})
+            send_msg(owner, {"event": op, "line": line.name})
         else:
             raise ProtocolError("unknown_op", f"unknown op {op!r}")
         return {"ok": True, "line": line.counters()}

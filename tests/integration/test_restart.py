@@ -15,6 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from eoid.fdstore import sim_fd_name
 from eoid.testing import FakeSystemd
 from tests.helpers import Consumer, Env, environment, free_port, wait_until
 
@@ -65,8 +66,8 @@ def no_eof(vm: Consumer) -> bool:
 
 def test_fds_are_parked_in_the_store(supervised: Supervised) -> None:
     names = {name for name, _ in supervised.systemd.store}
-    assert {"control", "state", "d.dev0.trigger", "d.dev0.irq", "d.dev0.eoi", "d.dev0.sim",
-            "d.dev0.unmask", "d.dev1.trigger"} <= names
+    assert {"control", "state", "d.dev0.trigger", "d.dev0.irq", "d.dev0.eoi", "d.dev0.unmask",
+            "d.dev1.trigger", sim_fd_name(str(supervised.env.sim_socket))} <= names
 
     def peers() -> set[str]:
         supervised.systemd.drain()
@@ -223,4 +224,4 @@ def test_a_removed_device_leaves_the_store(supervised: Supervised) -> None:
 
     wait_until(lambda: not any(n.startswith("d.dev1.") for n in stored()), 10,
                "dev1's fds removed from the store")
-    assert {"d.dev0.trigger", "d.dev0.sim"} <= stored()
+    assert {"d.dev0.trigger", "d.dev0.unmask", sim_fd_name(str(env.sim_socket))} <= stored()
