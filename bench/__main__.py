@@ -27,11 +27,11 @@ from typing import Any
 from bench.run_baseline import ensure_nofile, placement_cpus, run_baseline
 from bench.run_eoid import idle_cpu_percent, measure, running
 
-# The most any one process of a run holds per device: this one, while the C baseline runs
-# beside an armed eoid (the sim stand-in's trigger and unmask, the consumer's irq and eoi,
-# and the baseline's four eventfds). eoid holds 4 (three eventfds and the sim unmask
-# eventfd; one sim connection for all), the pump and the C relay 4 each.
-FDS_PER_DEVICE = 8
+# The most any one process of a run holds per device: 4. eoid holds its three eventfds and
+# the sim unmask eventfd (one sim connection for all); this process the sim stand-in's
+# trigger and unmask and the consumer's irq and eoi while eoid runs, or the baseline's
+# four eventfds before it starts; the pump and the C relay 4 each.
+FDS_PER_DEVICE = 4
 
 
 @dataclass(frozen=True)
@@ -101,12 +101,15 @@ def run(quick: bool, duration: float, progress: bool) -> dict[str, Any]:
             print(f"  skipped: {skipped[-1]}", file=sys.stderr)
             continue
         ensure_nofile(needed)
+        # The baselines first, so that no process holds their fds and eoid's at once.
+        baselines = [run_baseline(s.devices, s.mode, duration, s.rate, pump_args=s.pump_args,
+                                  placement="split" if s.polling else "same") for s in group]
+        floors = [run_baseline(s.devices, s.mode, duration, relay=f"py-{s.loop}")
+                  if s.mode == "closed" else None for s in group]
         with running(devices, loop, relay_cpu) as daemon:
             arm.setdefault(str(devices), daemon.arm_seconds)
             rss = daemon.rss_bytes()
-            for s in group:
-                c = run_baseline(s.devices, s.mode, duration, s.rate, pump_args=s.pump_args,
-                                 placement="split" if s.polling else "same")
+            for s, c, floor in zip(group, baselines, floors, strict=True):
                 e = measure(daemon, s.mode, duration, s.rate,
                             other_cpu if s.polling else pump_cpu, pump_args=s.pump_args)
                 row: dict[str, Any] = {
@@ -126,8 +129,7 @@ def run(quick: bool, duration: float, progress: bool) -> dict[str, Any]:
                     "rss_bytes": rss, "rss_bytes_per_device": None,
                     "lost": e["lost"] + (0 if c["ok"] else 1),
                 }
-                if s.mode == "closed":
-                    floor = run_baseline(s.devices, s.mode, duration, relay=f"py-{s.loop}")
+                if floor is not None:
                     row["python_floor_cpu_us_per_interrupt"] = round(
                         floor["cpu_us_per_interrupt"], 3)
                 results.append(row)

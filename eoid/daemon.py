@@ -216,7 +216,7 @@ class Daemon:
         self.runners[device.name] = runner
         if fds:
             try:
-                self._start(runner, open_backend(device, self.config.daemon, self.sims, fds),
+                runner.start(open_backend(device, self.config.daemon, self.sims, fds),
                             adopted=True)
                 return
             except EoidError as e:  # the parked device is unusable: open it afresh
@@ -237,7 +237,7 @@ class Daemon:
             pending.cancel()
         try:
             device = open_backend(runner.config, self.config.daemon, self.sims)
-            self._start(runner, device)
+            runner.start(device)
         except EoidError as e:
             runner.down_reason = str(e)
             self._log.warning("device not available", device=runner.name, error=str(e))
@@ -247,11 +247,6 @@ class Daemon:
         for role, fd in device.held_fds().items():
             self.store.put(device_fd_name(runner.name, role), fd)
         return True
-
-    def _start(self, runner: DeviceRunner, device: IntxDevice, adopted: bool = False) -> None:
-        runner.start(device, adopted)
-        if isinstance(device, SimDevice):  # its events come by callback, not on an fd
-            device.watch(self.loop, runner._on_device_event)
 
     def _device_down(self, runner: DeviceRunner, reason: str, held: list[str]) -> None:
         for role in held:

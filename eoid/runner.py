@@ -138,6 +138,9 @@ class DeviceRunner:
         self.loop.add_reader(self.eoi_fd, self._fast.on_eoi)
         for fd in device.event_fds():
             self.loop.add_reader(fd, self._on_device_event, fd)
+        watch = getattr(device, "watch", None)  # a backend that delivers events itself (sim)
+        if watch is not None:
+            watch(self.loop, self._on_device_event)
         self.channel.attached = self.consumer is not None
         now = monotonic_ns()
         if adopted:
