@@ -14,7 +14,7 @@ import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, Self, TypeVar
 
 import yaml
 from pydantic import (
@@ -23,6 +23,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -61,8 +62,20 @@ _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 _LISTEN = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
 
 
+SHARED = "shared"
+"""Validation-context key: the models already loaded, by value (see ``_Strict``)."""
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="after")
+    def _shared(self, info: ValidationInfo) -> Self:
+        """Within one load (``SHARED`` in the validation context), settings equal to ones
+        already loaded are those: a thousand devices with one policy hold one ``Policy``
+        (each model instance costs ~0.5 kB). They are frozen, so sharing is safe."""
+        shared: dict[Any, Any] | None = (info.context or {}).get(SHARED)
+        return self if shared is None else shared.setdefault(self, self)
 
 
 # --- who may use the control socket -----------------------------------------------------
@@ -287,13 +300,14 @@ def _load_yaml(path: Path, shown: str) -> tuple[Any, dict[tuple[str | int, ...],
 
 
 def _validate(model: type[M], data: Any, shown: str,
-              lines: Mapping[tuple[str | int, ...], int]) -> M:
+              lines: Mapping[tuple[str | int, ...], int],
+              shared: dict[Any, Any] | None = None) -> M:
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError([f"{shown}:1: expected a mapping of settings, got {type(data).__name__}"])
     try:
-        return model.model_validate(data)
+        return model.model_validate(data, context={SHARED: shared})
     except ValidationError as e:
         problems: list[tuple[int, str]] = []
         for err in e.errors():
@@ -334,13 +348,15 @@ class Config:
     devices: dict[str, DeviceConfig]
 
 
-def load_device(path: Path, shown: str | None = None) -> DeviceConfig:
-    """Load one device file; its name defaults to the file's stem."""
+def load_device(path: Path, shown: str | None = None,
+                shared: dict[Any, Any] | None = None) -> DeviceConfig:
+    """Load one device file; its name defaults to the file's stem. Settings equal to ones
+    in ``shared`` are taken from there, and new ones added (see ``_Strict``)."""
     shown = shown or str(path)
     data, lines = _load_yaml(path, shown)
     if isinstance(data, dict) and "name" not in data:
         data = {"name": path.stem, **data}
-    return _validate(DeviceConfig, data, shown, lines)
+    return _validate(DeviceConfig, data, shown, lines, shared)
 
 
 def load_config(path: Path) -> Config:
@@ -355,10 +371,11 @@ def load_config(path: Path) -> Config:
         raise ConfigError([f"{path}:{lines.get(('devices_dir',), 1)}: devices_dir: "
                            f"{devices_dir} is not a directory"])
     pci_seen: dict[str, str] = {}
+    shared: dict[Any, Any] = {}
     for file in sorted(devices_dir.glob("*.yaml")) + sorted(devices_dir.glob("*.yml")):
         shown = str(file)
         try:
-            device = load_device(file, shown)
+            device = load_device(file, shown, shared)
         except ConfigError as e:
             problems.extend(e.problems)
             continue

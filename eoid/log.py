@@ -34,9 +34,10 @@ def configure(fmt: LogFormat | str = LogFormat.AUTO, level: str = "info",
                        structlog.processors.JSONRenderer()]
     else:
         processors.append(structlog.dev.ConsoleRenderer(colors=stream.isatty()))
+    printer = structlog.PrintLogger(stream)  # one for all: each device binds a logger
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
-        logger_factory=structlog.PrintLoggerFactory(stream),
+        logger_factory=lambda *args: printer,
         cache_logger_on_first_use=False,
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from bench.memory import run_imports, run_rss, trace_devices
 from bench.run_baseline import launch_pump, parse_output, run_baseline
 from bench.run_eoid import run_eoid
 
@@ -36,3 +37,28 @@ def test_eoid_under_the_pump_loses_nothing() -> None:
         assert result["interrupts"] > 100
         assert result["eoi_to_unmask_p99_us"] is not None
         assert result["arm_seconds"] > 0
+
+
+def test_memory_measures_a_real_daemon_and_its_devices() -> None:
+    """bench.memory's readings are plausible (no sizes are asserted beyond sanity)."""
+    mb = 1 << 20
+    result = run_rss([1, 128], "uvloop", 4096, scrapes=1)
+    for row in result["rows"]:
+        for reading in (row["ready"], row["scraped"]):
+            assert 10 * mb < reading["VmRSS"] <= reading["VmHWM"] < 1024 * mb
+            assert reading["RssAnon"] > 0 and reading["RssFile"] > 0
+            assert reading["RssAnon"] + reading["RssFile"] <= reading["VmRSS"] + mb
+        assert row["scrape_bytes"] > 0
+    per_device = result["fits"]["ready VmRSS"]["per_device"]
+    assert 0 < per_device < 100_000, result["fits"]
+    traced = trace_devices(16)
+    assert 0 < traced["per_device"] < 100_000
+    assert any("runner.py" in site["where"] for site in traced["sites"]), traced["sites"]
+
+
+def test_memory_finds_what_pulls_in_ssl() -> None:
+    result = run_imports(["asyncio"], ["asyncio", "yaml"])
+    asyncio_alone = result["alone"][1]
+    assert asyncio_alone["ssl"] and "asyncio/base_events.py" in asyncio_alone["ssl_via"]
+    assert [r["module"] for r in result["layers"]] == ["(interpreter)", "asyncio", "yaml"]
+    assert result["layers"][1]["added"]["VmRSS"] > 0
