@@ -38,6 +38,7 @@ EFD_FLAGS = os.EFD_NONBLOCK | os.EFD_CLOEXEC
 TIMER_SLACK = 0.001  # uvloop timers have millisecond resolution: never wake up early
 
 _fastpath.set_buckets(BUCKETS_NS)
+_DEVICE_LOG = structlog.get_logger("eoid.device")
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -90,7 +91,11 @@ class DeviceRunner:
         self._fast_allowed = fast
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0
-        self._log = structlog.get_logger("eoid.device").bind(device=self.name)
+
+    @property
+    def _log(self) -> Any:
+        """Bound when a message is logged (rarely), not held per device (memory)."""
+        return _DEVICE_LOG.bind(device=self.name)
 
     @property
     def up(self) -> bool:

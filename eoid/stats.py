@@ -7,7 +7,9 @@ than the rest of the interrupt's handling.)
 
 from __future__ import annotations
 
+from array import array
 from bisect import bisect_left
+from collections.abc import Sequence
 from typing import Any
 
 BUCKETS_SECONDS: tuple[float, ...] = (
@@ -25,7 +27,8 @@ class Histogram:
     __slots__ = ("counts", "sum_ns")
 
     def __init__(self) -> None:
-        self.counts = [0] * (len(BUCKETS_NS) + 1)
+        # inline 64-bit counts: a list would hold an int object for every count above 256
+        self.counts = array("Q", bytes(8 * (len(BUCKETS_NS) + 1)))
         self.sum_ns = 0
 
     def observe(self, ns: int) -> None:
@@ -53,11 +56,11 @@ class Histogram:
     def restore(self, data: dict[str, Any]) -> None:
         counts = data.get("counts", [])
         if len(counts) == len(self.counts):
-            self.counts[:] = [int(c) for c in counts]  # in place: the hot path holds it
+            self.counts[:] = array("Q", (int(c) for c in counts))
             self.sum_ns = int(data.get("sum_ns", 0))
 
 
-def quantile(counts: list[int], q: float) -> float | None:
+def quantile(counts: Sequence[int], q: float) -> float | None:
     """``histogram_quantile`` over non-cumulative ``counts`` (seconds); None when empty."""
     total = sum(counts)
     if total == 0:

@@ -18,7 +18,6 @@ import contextlib
 import itertools
 import os
 import socket
-from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -216,7 +215,7 @@ class SimDevice:
         self.name = name
         self.line = line
         self._info = DeviceInfo("sim", pci_address, {"line": line, "socket": str(socket_path)})
-        self._events: deque[DeviceEvent] = deque()
+        self._events: list[DeviceEvent] = []  # rarely more than one; a deque costs 600 B
         self._loop: asyncio.AbstractEventLoop | None = None
         self._on_event: Callable[[int], None] | None = None
         if adopt is not None:  # re-adopted after a restart: the sim never noticed we left
@@ -290,7 +289,7 @@ class SimDevice:
         return []  # events come through ``watch``
 
     def read_event(self, fd: int) -> DeviceEvent | None:
-        return self._events.popleft() if self._events else None
+        return self._events.pop(0) if self._events else None
 
     def held_fds(self) -> dict[str, int]:
         return {"unmask": self.unmask_fd}
