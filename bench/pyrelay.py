@@ -1,6 +1,7 @@
 """The floor for a Python relay: uvloop (or asyncio) doing nothing but eoid's syscalls.
 
     python -m bench.pyrelay --fds "trigger,irq,eoi,unmask;..." [--loop asyncio]
+    python -m bench.pyrelay --fds-from FD ...   # the same list read from FD (a memfd)
 
 Same contract as baseline.c (stops when stdin closes, prints its CPU time as one JSON
 line), so the harness can run it under the same pump: the gap between this and eoid is
@@ -19,10 +20,17 @@ import sys
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--fds", required=True)
+    spec = parser.add_mutually_exclusive_group(required=True)
+    spec.add_argument("--fds")
+    spec.add_argument("--fds-from", type=int, help="read the list from this fd (too long "
+                      "for one argument: many devices)")
     parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
     parser.add_argument("--ready-fd", type=int, required=True)
     args = parser.parse_args()
+    if args.fds_from is not None:
+        with os.fdopen(args.fds_from, "rb") as f:
+            f.seek(0)
+            args.fds = f.read().decode()
     quads = [tuple(int(x) for x in q.split(",")) for q in args.fds.split(";") if q]
     loop: asyncio.AbstractEventLoop
     if args.loop == "uvloop":

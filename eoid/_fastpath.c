@@ -4,8 +4,9 @@
  * and EOI eventfds. While the Python side has handed it the channel's state (``take``),
  * it runs the two transitions that make up nearly every interrupt without entering
  * Python: ARMED --trigger--> PENDING (forward to the consumer) and PENDING --EOI-->
- * ARMED (spend a storm token, unmask). It counts what it does in plain C arrays that
- * the Python side folds into the device's statistics (``take_counts``).
+ * ARMED (spend a storm token, unmask). It counts what it does in its own C arrays; readers
+ * add them to the channel's counts (``counts``: never reset, so the scrape thread may read
+ * them while the loop runs, and nothing is written by two threads).
  *
  * Everything else -- a trigger while not ARMED, a spurious EOI, a throttled EOI, no loop
  * timer covering the EOI deadline, an unmask with no raw operation -- goes to the
@@ -29,7 +30,7 @@
 enum { ST_ARMED = 1, ST_PENDING = 2 };
 /* What ``slow`` is told */
 enum { SLOW_TRIGGER = 1, SLOW_EOI = 2, SLOW_UNMASK = 3 };
-/* Counters, in the order ``take_counts`` returns them */
+/* Counters, in the order ``counts`` returns them */
 enum { C_INTERRUPTS, C_COALESCED, C_EOIS, C_FORWARDS, C_UNMASKS, C_FORWARD_ERRORS, N_COUNTERS };
 /* Histograms, likewise */
 enum { H_SERVICE, H_DISPATCH, H_UNMASK, N_HISTOGRAMS };
@@ -56,7 +57,7 @@ typedef struct {
     int64_t pending_since, timer_at, tat, backoff;
     /* the policy and the loop timer, as the channel and the runner had them at take() */
     int64_t eoi_timeout, interval, limit, half, backoff_initial, loop_timer_at;
-    /* counted since the last take_counts() */
+    /* counted so far (never reset); dirty: anything at all */
     int dirty;
     uint64_t counters[N_COUNTERS];
     uint64_t buckets[N_HISTOGRAMS][MAX_BUCKETS + 1];
@@ -236,7 +237,7 @@ static PyObject *histogram_tuple(FastPath *self, int h)
     return t;
 }
 
-static PyObject *take_counts(FastPath *self, PyObject *Py_UNUSED(ignored))
+static PyObject *counts(FastPath *self, PyObject *Py_UNUSED(ignored))
 {
     if (!self->dirty)
         Py_RETURN_NONE;
@@ -256,10 +257,6 @@ static PyObject *take_counts(FastPath *self, PyObject *Py_UNUSED(ignored))
             return NULL;
         }
     }
-    memset(self->counters, 0, sizeof self->counters);
-    memset(self->buckets, 0, sizeof self->buckets);
-    memset(self->sums, 0, sizeof self->sums);
-    self->dirty = 0;
     return out;
 }
 
@@ -321,13 +318,15 @@ static PyMethodDef fastpath_methods[] = {
     {"set_unmask", (PyCFunction)set_unmask, METH_VARARGS,
      "set_unmask(fd, request=0, arg=b''): ioctl(fd, request, arg), or an eventfd write when"
      " request is 0; fd -1: let Python unmask."},
-    {"take_counts", (PyCFunction)take_counts, METH_NOARGS,
-     "What was counted since the last call (and reset), or None if nothing was."},
+    {"counts", (PyCFunction)counts, METH_NOARGS,
+     "Everything counted so far, or None if nothing was."},
     {NULL, NULL, 0, NULL},
 };
 
 static PyMemberDef fastpath_members[] = {
     {"state", T_INT, offsetof(FastPath, state), READONLY, "the state while fast"},
+    {"interrupts", T_ULONGLONG, offsetof(FastPath, counters) + C_INTERRUPTS * sizeof(uint64_t),
+     READONLY, "interrupts counted here so far"},
     {NULL, 0, 0, 0, NULL},
 };
 

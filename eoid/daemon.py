@@ -399,7 +399,7 @@ class Daemon:
         """``STATUS=`` for ``systemctl status``: devices up, and the interrupt rate since
         the previous status line (sent with every watchdog ping)."""
         up = sum(r.up for r in self.runners.values())
-        total = sum(r.stats.interrupts for r in self.runners.values())
+        total = sum(r.interrupts for r in self.runners.values())
         now = time.monotonic()
         last_total, last_time = self._rate_mark
         self._rate_mark = (total, now)

@@ -107,22 +107,29 @@ class DeviceRunner:
 
     @property
     def stats(self) -> DeviceStats:
-        """The device's statistics, including what the fast path counted."""
-        counts = self._fast.take_counts()
-        stats = self.channel.stats
-        if counts is not None:
-            (interrupts, coalesced, eois, forwards, unmasks, forward_errors,
-             service, service_ns, dispatch, dispatch_ns, unmask, unmask_ns) = counts
-            stats.interrupts += interrupts
-            stats.coalesced_interrupts += coalesced
-            stats.eois += eois
-            stats.forwards += forwards
-            stats.unmasks += unmasks
-            stats.errors["forward"] += forward_errors
-            stats.service.add(service, service_ns)
-            stats.dispatch_latency.add(dispatch, dispatch_ns)
-            stats.unmask_latency.add(unmask, unmask_ns)
+        """The device's statistics: the channel's plus what the fast path counted, as a
+        snapshot. It only reads, so the metrics thread may take it while the loop runs."""
+        counts = self._fast.counts()
+        if counts is None:
+            return self.channel.stats
+        (interrupts, coalesced, eois, forwards, unmasks, forward_errors,
+         service, service_ns, dispatch, dispatch_ns, unmask, unmask_ns) = counts
+        stats = self.channel.stats.copy()
+        stats.interrupts += interrupts
+        stats.coalesced_interrupts += coalesced
+        stats.eois += eois
+        stats.forwards += forwards
+        stats.unmasks += unmasks
+        stats.errors["forward"] += forward_errors
+        stats.service.add(service, service_ns)
+        stats.dispatch_latency.add(dispatch, dispatch_ns)
+        stats.unmask_latency.add(unmask, unmask_ns)
         return stats
+
+    @property
+    def interrupts(self) -> int:
+        """``stats.interrupts`` without the snapshot (``STATUS=``, every watchdog ping)."""
+        return self.channel.stats.interrupts + self._fast.interrupts
 
     @property
     def state(self) -> State:
@@ -408,15 +415,15 @@ class DeviceRunner:
         self.on_down(self, reason, held)
 
     def status(self) -> dict[str, Any]:
-        ch = self.channel
+        ch, stats = self.channel, self.stats
         return {"name": self.name, "up": self.up, "state": self.state.name.lower(),
                 "down_reason": self.down_reason, "faulted": self.faulted, "stuck": ch.stuck,
                 "storm": ch.in_storm, "pci_address": self.config.pci_address,
                 "backend": self.config.backend.type,
                 "consumer": self.consumer.describe() if self.consumer else None,
-                "counters": {k: v for k, v in self.stats.to_dict().items()
+                "counters": {k: v for k, v in stats.to_dict().items()
                              if isinstance(v, int | dict) and k not in (
                                  "service", "unmask_latency", "dispatch_latency")},
-                "service_p50_seconds": self.stats.service.quantile(0.5),
-                "service_p99_seconds": self.stats.service.quantile(0.99),
-                "unmask_p99_seconds": self.stats.unmask_latency.quantile(0.99)}
+                "service_p50_seconds": stats.service.quantile(0.5),
+                "service_p99_seconds": stats.service.quantile(0.99),
+                "unmask_p99_seconds": stats.unmask_latency.quantile(0.99)}

@@ -109,6 +109,11 @@ class DeviceStats:
         self.unmask_latency = Histogram()  # EOI wake-up → unmask done: our overhead
         self.dispatch_latency = Histogram()  # trigger wake-up → consumer signalled
 
+    def copy(self) -> DeviceStats:
+        other = DeviceStats()
+        other.restore(self.to_dict())
+        return other
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able snapshot (status replies, the restart state record)."""
         out: dict[str, Any] = {name: getattr(self, name) for name in COUNTERS}
