@@ -22,6 +22,7 @@ from eoid.control import Peer
 from eoid.device import DeviceEvent, DeviceInfo, drain_eventfd
 from eoid.runner import EFD_FLAGS, DeviceRunner
 from eoid.stats import BUCKETS_NS
+from tests.unit.test_channel import KernelLine
 
 S = 1_000_000_000
 
@@ -182,24 +183,33 @@ def test_only_armed_and_pending_can_be_lent(h: Harness) -> None:
 # --- a runner that lends its state against one that never does --------------------------
 
 
+class EventfdLine(KernelLine):
+    """The kernel's INTx line of test_channel, signalling a real trigger eventfd."""
+
+    def __init__(self, trigger_fd: int) -> None:
+        super().__init__()
+        self.trigger_fd = trigger_fd
+
+    def _fire(self) -> None:
+        super()._fire()
+        os.eventfd_write(self.trigger_fd, 1)
+
+
 class FakeLine:
-    """A device with vfio-pci's INTx semantics (auto-mask, re-fire on unmask while
-    asserted) whose unmask, like the sim backend's, is an eventfd write."""
+    """A device on an ``EventfdLine`` whose unmask, like the sim backend's, is an eventfd
+    write (raw for the fast path, or through ``unmask`` only)."""
 
     def __init__(self, raw_unmask: bool) -> None:
         self.unmask_fd = efd()
         self.raw_unmask = raw_unmask
-        self.trigger_fd = -1
-        self.level = 0
-        self.masked = False
-        self.fires = 0
+        self.line = EventfdLine(-1)
 
     @property
     def info(self) -> DeviceInfo:
         return DeviceInfo("sim", "0000:00:01.0")
 
     def enable(self, trigger_fd: int) -> None:
-        self.trigger_fd = trigger_fd
+        self.line.trigger_fd = trigger_fd
 
     def unmask(self) -> None:
         os.eventfd_write(self.unmask_fd, 1)
@@ -208,10 +218,10 @@ class FakeLine:
         return (self.unmask_fd, 0, b"") if self.raw_unmask else None
 
     def mask(self) -> None:
-        self.masked = True
+        self.line.masked = True
 
     def disable(self) -> None:
-        self.trigger_fd = -1
+        self.line.trigger_fd = -1
 
     def close(self) -> None:
         if self.unmask_fd >= 0:
@@ -227,25 +237,13 @@ class FakeLine:
     def held_fds(self) -> dict[str, int]:
         return {}
 
-    def raise_line(self) -> None:
-        self.level += 1
-        if not self.masked:
-            self._fire()
-
     def deassert(self) -> None:
-        self.level = max(0, self.level - 1)
+        self.line.level = max(0, self.line.level - 1)
 
     def process_unmasks(self) -> None:
-        if drain_eventfd(self.unmask_fd) and self.masked:
-            if self.level:
-                self._fire()
-            else:
-                self.masked = False
-
-    def _fire(self) -> None:
-        self.masked = True
-        self.fires += 1
-        os.eventfd_write(self.trigger_fd, 1)
+        """The kernel acts on the unmasks written since the last call (one is enough)."""
+        if drain_eventfd(self.unmask_fd):
+            self.line.unmask()
 
 
 class Side:
@@ -254,8 +252,8 @@ class Side:
     def __init__(self, loop: asyncio.AbstractEventLoop, config: DeviceConfig, fast: bool,
                  raw_unmask: bool) -> None:
         self.runner = DeviceRunner(config, loop, lambda *a: None, fast=fast)
-        self.line = FakeLine(raw_unmask)
-        self.runner.start(self.line)
+        self.device = FakeLine(raw_unmask)
+        self.runner.start(self.device)
         self.sock, self.other = socket.socketpair()
         self.peer = Peer(self.sock, 1, 0, frozenset())
         self.consumer: tuple[int, int] | None = None
@@ -265,13 +263,13 @@ class Side:
         stats = self.runner.stats.to_dict()
         for hist in ("service", "unmask_latency", "dispatch_latency"):
             stats[hist] = sum(stats[hist]["counts"])  # how many, not how long
-        line = self.line
+        line = self.device.line
         return {"state": self.runner.state, "stats": stats, "unended": self.unended,
                 "line": (line.level, line.masked, line.fires)}
 
     def close(self) -> None:
         self.runner.close()
-        self.line.close()
+        self.device.close()
         if self.consumer is not None:
             os.close(self.consumer[0])
             os.close(self.consumer[1])
@@ -304,17 +302,17 @@ class FastVersusPython(RuleBasedStateMachine):
     @rule()
     def device_asserts(self) -> None:
         for side in self.sides:
-            side.line.raise_line()
+            side.device.line.device_raise()
 
     @rule()
     def device_deasserts(self) -> None:
         for side in self.sides:
-            side.line.deassert()
+            side.device.deassert()
 
     @rule()
     def kernel_unmasks(self) -> None:
         for side in self.sides:
-            side.line.process_unmasks()
+            side.device.process_unmasks()
 
     @rule()
     def trigger_ready(self) -> None:
@@ -337,7 +335,7 @@ class FastVersusPython(RuleBasedStateMachine):
         for side in self.sides:
             if side.consumer is not None and (side.unended or spurious):
                 side.unended = max(0, side.unended - 1)
-                side.line.deassert()  # the guest acks the device, then EOIs
+                side.device.deassert()  # the guest acks the device, then EOIs
                 os.eventfd_write(side.consumer[1], 1)
 
     @rule()
