@@ -17,6 +17,7 @@ import contextlib
 import os
 import resource
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -38,6 +39,7 @@ from eoid.systemd import Notifier, watchdog_interval
 REOPEN_INITIAL = 1.0
 REOPEN_MAX = 30.0
 EXTEND_EVERY = 5.0  # seconds of start-up between EXTEND_TIMEOUT_USEC messages
+GIL_SWITCH_INTERVAL = 0.0005  # seconds; see run_daemon
 
 
 def open_backend(device: DeviceConfig, daemon: DaemonConfig, sims: SimConnections,
@@ -417,7 +419,10 @@ def run_daemon(config: Config) -> None:
         import uvloop
 
         factory = uvloop.new_event_loop
-    # Six fds a device and one a consumer: take the whole hard limit (systemd: LimitNOFILE).
+    # A metrics scrape formats on the exporter thread; the loop waits for the GIL meanwhile
+    # (5 ms at a time by default): interrupts wait at most this long for it.
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL)
+    # Four fds a device and one a consumer: take the whole hard limit (systemd: LimitNOFILE).
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     notifier = Notifier.from_environ(unset=True)
