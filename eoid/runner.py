@@ -107,8 +107,8 @@ class DeviceRunner:
 
     @property
     def stats(self) -> DeviceStats:
-        """The device's statistics: the channel's plus what the fast path counted, as a
-        snapshot. It only reads, so the metrics thread may take it while the loop runs."""
+        """The device's statistics: the channel's, plus (in a copy) what the fast path
+        counted. It only reads, so the metrics thread may take it while the loop runs."""
         counts = self._fast.counts()
         if counts is None:
             return self.channel.stats
