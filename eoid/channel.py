@@ -227,9 +227,10 @@ class Channel:
 
     # --- the fast path ---------------------------------------------------------------------
 
-    def lend(self) -> tuple[int, int, int | None, int, int, int, int, int, int, int] | None:
-        """What ``eoid._fastpath`` needs to run the two common transitions itself (a
-        trigger when ARMED, an EOI with a token to spare when PENDING), in
+    def lend(self) -> tuple[int, int, int | None, int, int, int, int, int, int, int, bool
+                            ] | None:
+        """What ``eoid._fastpath`` needs to run the common transitions itself (a trigger
+        when ARMED, an EOI with a token to spare when PENDING, a spurious EOI), in
         ``FastPath.take``'s order; None where the rules are less simple: not ARMED or
         PENDING, no consumer, adopting, stuck, or in a storm episode."""
         state = self.state
@@ -238,7 +239,7 @@ class Channel:
             return None
         return (state, self.pending_since, self.timer_at, self._tat, self._backoff,
                 self._eoi_timeout, self._interval, self._limit, self._half,
-                self._backoff_initial)
+                self._backoff_initial, self.policy.unmask_on_spurious)
 
     def take_back(self, state: int, pending_since: int, timer_at: int | None, tat: int,
                   backoff: int) -> None:

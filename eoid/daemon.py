@@ -25,6 +25,7 @@ from typing import Any
 import structlog
 
 from eoid import __version__
+from eoid._fastpath import Lane
 from eoid.config import Config, DaemonConfig, DeviceConfig, load_config
 from eoid.control import ControlServer, Peer
 from eoid.device import IntxDevice
@@ -87,6 +88,8 @@ class Daemon:
         self._stop: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._watchdog: asyncio.TimerHandle | None = None
+        self._lane: Lane | None = None
+        self._pings = 0  # sent to the lane by the watchdog (see _pet_watchdog)
         self._rate_mark = (0, time.monotonic())
         self._status_note = ""  # kept in STATUS= until it no longer holds
         self._log = structlog.get_logger("eoid")
@@ -104,6 +107,12 @@ class Daemon:
         assert self._loop is not None, "the daemon is not running"
         return self._loop
 
+    @property
+    def lane(self) -> Lane:
+        """The thread that runs every device's common round trip (eoid/_fastpath.c)."""
+        assert self._lane is not None, "the daemon is not running"
+        return self._lane
+
     # --- lifecycle ---------------------------------------------------------------------
 
     async def run(self) -> None:
@@ -118,6 +127,8 @@ class Daemon:
     async def startup(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
+        self._lane = Lane()
+        self._loop.add_reader(self._lane.notify_fd, self._lane.dispatch)
         self.metrics.loop = self._loop
         self.control = ControlServer(self.config.daemon.control, self, self._loop)
         listener = self.control.listen(self.adopted.control)
@@ -163,8 +174,15 @@ class Daemon:
             self._stop.set()
 
     def _pet_watchdog(self, every: float) -> None:
-        """WATCHDOG=1 from the loop itself: a wedged loop stops petting and is restarted."""
-        self.notify(self.notifier.notify, WATCHDOG=1, STATUS=self._status())
+        """WATCHDOG=1 from the loop itself, while the lane answered the last ping: a wedged
+        loop or lane stops petting and is restarted."""
+        if self.lane.pongs >= self._pings:
+            self.notify(self.notifier.notify, WATCHDOG=1, STATUS=self._status())
+        else:
+            self._log.error("the fast path's thread does not answer", pings=self._pings,
+                            pongs=self.lane.pongs)
+        self._pings += 1
+        self.lane.ping()
         self._watchdog = self.loop.call_later(every, self._pet_watchdog, every)
 
     def shutdown(self) -> None:
@@ -192,6 +210,10 @@ class Daemon:
         for runner in self.runners.values():
             runner.close()
         self.runners.clear()
+        if self._lane is not None:
+            with contextlib.suppress(ValueError, OSError):
+                self.loop.remove_reader(self._lane.notify_fd)
+            self._lane.close()
         self.sims.close()
         if self.control is not None:
             self.control.close(handover)
@@ -205,7 +227,7 @@ class Daemon:
     def _add(self, device: DeviceConfig) -> None:
         fds = self.adopted.take_device(device.name)
         if fds is None:
-            runner = DeviceRunner(device, self.loop, self._device_down)
+            runner = DeviceRunner(device, self.loop, self._device_down, lane=self.lane)
             for role, fd in runner.eventfds.items():
                 self.store.put(device_fd_name(device.name, role), fd)
         else:
@@ -213,7 +235,8 @@ class Daemon:
             stats = DeviceStats()
             stats.restore(self.adopted.state.get("devices", {}).get(device.name, {})
                           .get("stats", {}))
-            runner = DeviceRunner(device, self.loop, self._device_down, eventfds, stats)
+            runner = DeviceRunner(device, self.loop, self._device_down, eventfds, stats,
+                                  lane=self.lane)
             self._adopt_consumer(runner)
         self.runners[device.name] = runner
         if fds:

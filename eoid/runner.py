@@ -5,11 +5,13 @@ reconnects, reloads and, through systemd's fd store, restarts): ``trigger`` (reg
 with the backend), ``irq`` (the consumer's interrupt) and ``eoi`` (the consumer's end of
 interrupt).
 
-The loop's readers of ``trigger`` and ``eoi`` are a ``FastPath`` (eoid/_fastpath.c).
-While the runner has lent it the channel's state, it runs the common round trip in C:
-read the trigger, forward, read the EOI, unmask, count. Whatever is not that common case
-comes back to ``_on_slow`` and the channel. Every entry point here first takes the state
-back from the fast path and lends it again when done (``_owning``).
+While the line is in a simple state (``Channel.lend``), the runner lends that state to
+its ``FastPath`` on the daemon's ``Lane`` (eoid/_fastpath.c): a thread of its own, without
+the GIL, then reads ``trigger`` and ``eoi`` and runs the common round trip in C (read the
+trigger, forward, read the EOI, unmask, count). Whatever is not that common case, it
+hands back with the fds untouched (``_on_returned``), and the event loop watches them
+again for the channel. Every entry point here first takes the state back and lends it
+again when done (``_owning``), so the channel and the fast path never act at once.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 import structlog
 
 from eoid import _fastpath
-from eoid._fastpath import NO_TIME, FastPath
+from eoid._fastpath import NO_TIME, FastPath, Lane
 from eoid.channel import EOI_TIMEOUT, FORWARD, STORM_BEGIN, STORM_END, TIMER, UNMASK, Channel, State
 from eoid.config import DeviceConfig, format_duration
 from eoid.control import Peer
@@ -74,7 +76,7 @@ class DeviceRunner:
     def __init__(self, config: DeviceConfig, loop: asyncio.AbstractEventLoop,
                  on_down: Callable[[DeviceRunner, str, list[str]], None],
                  eventfds: dict[str, int] | None = None, stats: DeviceStats | None = None,
-                 *, fast: bool = True) -> None:
+                 *, lane: Lane, fast: bool = True) -> None:
         self.config = config
         self.name = config.name
         self.loop = loop
@@ -87,8 +89,11 @@ class DeviceRunner:
         self.down_reason: str | None = "not opened yet"
         self.faulted = False
         self._device_unmask: Callable[[], None] = _refuse(self.name, "the device is down")
-        self._fast = FastPath(self.trigger_fd, self.irq_fd, self.eoi_fd, self._on_slow)
+        self._fast = FastPath(self.trigger_fd, self.irq_fd, self.eoi_fd, self._on_returned)
         self._fast_allowed = fast
+        self._lane = lane
+        lane.add(self._fast)
+        self._watching = False  # the loop reads trigger and eoi (not the lane)
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0
 
@@ -112,7 +117,7 @@ class DeviceRunner:
         counts = self._fast.counts()
         if counts is None:
             return self.channel.stats
-        (interrupts, coalesced, eois, forwards, unmasks, forward_errors,
+        (interrupts, coalesced, eois, forwards, unmasks, forward_errors, spurious,
          service, service_ns, dispatch, dispatch_ns, unmask, unmask_ns) = counts
         stats = self.channel.stats.copy()
         stats.interrupts += interrupts
@@ -121,6 +126,7 @@ class DeviceRunner:
         stats.forwards += forwards
         stats.unmasks += unmasks
         stats.errors["forward"] += forward_errors
+        stats.spurious_eois += spurious
         stats.service.add(service, service_ns)
         stats.dispatch_latency.add(dispatch, dispatch_ns)
         stats.unmask_latency.add(unmask, unmask_ns)
@@ -134,7 +140,7 @@ class DeviceRunner:
     @property
     def state(self) -> State:
         fast = self._fast
-        return State(fast.state) if fast.fast else self.channel.state
+        return State(fast.state) if fast.lent else self.channel.state
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -146,8 +152,7 @@ class DeviceRunner:
         self._fast.set_unmask(*(device.unmask_op() or (-1,)))
         self.down_reason = None
         self.faulted = False
-        self.loop.add_reader(self.trigger_fd, self._fast.on_trigger)
-        self.loop.add_reader(self.eoi_fd, self._fast.on_eoi)
+        self._watch()
         for fd in device.event_fds():
             self.loop.add_reader(fd, self._on_device_event, fd)
         watch = getattr(device, "watch", None)  # a backend that delivers events itself (sim)
@@ -181,9 +186,7 @@ class DeviceRunner:
         device, self.device = self.device, None
         self.down_reason = reason
         self._cancel_timer()
-        for fd in (self.trigger_fd, self.eoi_fd):
-            with contextlib.suppress(ValueError, OSError):
-                self.loop.remove_reader(fd)
+        self._unwatch()
         if device is None:
             return
         for fd in device.event_fds():
@@ -204,6 +207,7 @@ class DeviceRunner:
         if self.consumer is not None:
             self.consumer.attached.discard(self.name)
             self.consumer = None
+        self._lane.remove(self._fast)
         for fd in (self.trigger_fd, self.irq_fd, self.eoi_fd):
             os.close(fd)
         self.trigger_fd = self.irq_fd = self.eoi_fd = -1
@@ -222,12 +226,18 @@ class DeviceRunner:
     # --- the fast path's hand-over -------------------------------------------------------
 
     def _reclaim(self) -> None:
-        """Take the channel's state back from the fast path, as it left it."""
+        """Take the channel's state back from the fast path, as it left it, and read the
+        eventfds on the loop again."""
         lent = self._fast.release()
-        if lent is not None:
-            state, pending_since, timer_at, tat, backoff = lent
-            self.channel.take_back(state, pending_since, None if timer_at == NO_TIME
-                                   else timer_at, tat, backoff)
+        if lent is None:
+            return
+        state, pending_since, timer_at, tat, backoff, owed_unmask = lent
+        self.channel.take_back(state, pending_since, None if timer_at == NO_TIME else timer_at,
+                               tat, backoff)
+        if self.device is not None:
+            self._watch()
+        if owed_unmask:
+            self._unmask(owed_unmask)  # an EOI the lane acted on but could not unmask for
 
     def _lend(self) -> None:
         """Lend the state to the fast path, if the device is healthy and the line is in
@@ -237,23 +247,42 @@ class DeviceRunner:
         if lent is None:
             return
         state, pending_since, timer_at, tat, backoff, eoi_timeout, interval, limit, half, \
-            backoff_initial = lent
+            backoff_initial, unmask_on_spurious = lent
+        self._unwatch()
         self._fast.take(state, pending_since, NO_TIME if timer_at is None else timer_at, tat,
                         backoff, eoi_timeout, interval, limit, half, backoff_initial,
-                        self._timer_at if self._timer is not None else NO_TIME)
+                        unmask_on_spurious, self._timer_at if self._timer is not None
+                        else NO_TIME)
 
-    # --- events the fast path does not handle ---------------------------------------------
+    def _watch(self) -> None:
+        if not self._watching:
+            self.loop.add_reader(self.trigger_fd, self._on_trigger_ready)
+            self.loop.add_reader(self.eoi_fd, self._on_eoi_ready)
+            self._watching = True
+
+    def _unwatch(self) -> None:
+        if self._watching:
+            for fd in (self.trigger_fd, self.eoi_fd):
+                with contextlib.suppress(ValueError, OSError):
+                    self.loop.remove_reader(fd)
+            self._watching = False
+
+    # --- events on the loop ----------------------------------------------------------------
 
     @_owning
-    def _on_slow(self, kind: int, value: int) -> None:
-        """The fast path's hand-off: a trigger or EOI count it did not act on, or an
-        unmask it could not do itself (``value`` is then when the EOI was read)."""
-        if kind == _fastpath.TRIGGER:
-            self._trigger(value)
-        elif kind == _fastpath.EOI:
-            self._eoi(value)
-        else:
-            self._unmask(value)
+    def _on_returned(self) -> None:
+        """The lane met something other than the common case and handed the device back,
+        with what it did not act on still in the eventfds."""
+        if self.device is not None:
+            self._settle()
+
+    @_owning
+    def _on_trigger_ready(self) -> None:
+        self._read_trigger()
+
+    @_owning
+    def _on_eoi_ready(self) -> None:
+        self._read_eoi()
 
     def _trigger(self, count: int) -> None:
         now = monotonic_ns()
@@ -273,12 +302,15 @@ class DeviceRunner:
         if count:
             self._trigger(count)
 
-    def _settle(self) -> None:
-        """Handle what the eventfds hold now, before a decision that depends on it."""
-        self._read_trigger()
+    def _read_eoi(self) -> None:
         count = drain_eventfd(self.eoi_fd)
         if count:
             self._eoi(count)
+
+    def _settle(self) -> None:
+        """Handle what the eventfds hold now, before a decision that depends on it."""
+        self._read_trigger()
+        self._read_eoi()
 
     def _forward(self, since: int) -> None:
         stats = self.channel.stats
