@@ -600,6 +600,15 @@ static PyObject *lane_remove(Lane *self, PyObject *arg)
     pthread_mutex_lock(&self->mu);
     unwatch_fds(self, f);
     f->lent = 0;
+    if (f->handed_back) { /* its slot may be reused before dispatch(): no stale entry */
+        for (Py_ssize_t i = 0; i < self->n_handed_back; i++) {
+            if (self->handed_back[i] == f->slot) {
+                self->handed_back[i] = self->handed_back[--self->n_handed_back];
+                break;
+            }
+        }
+        f->handed_back = 0;
+    }
     self->slots[f->slot] = NULL;
     self->generations[f->slot]++;
     f->lane = NULL;
@@ -677,6 +686,7 @@ static PyObject *lane_close(Lane *self, PyObject *Py_UNUSED(ignored))
         Py_RETURN_NONE;
     lane_stop(self);
     self->closed = 1;
+    self->n_handed_back = 0;
     for (Py_ssize_t i = 0; i < self->n_slots; i++) {
         FastPath *f = self->slots[i];
         if (f != NULL) {

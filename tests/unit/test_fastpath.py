@@ -209,6 +209,19 @@ def test_a_removed_device_is_left_alone(h: Harness) -> None:
     h.lane.remove(h.fp)  # idempotent
 
 
+def test_a_device_removed_while_handed_back_is_not_called_back(h: Harness) -> None:
+    h.take(loop_timer_at=NO_TIME)
+    os.eventfd_write(h.trigger, 1)
+    h.lane.ping()  # without a thread: one round, and no dispatch()
+    assert (h.fp.lent, h.returned) == (True, 0)
+    h.lane.remove(h.fp)
+    other = FastPath(h.trigger, h.irq, h.eoi, h.count_return)
+    h.lane.add(other)  # takes the freed slot
+    h.lane.dispatch()
+    assert h.returned == 0
+    h.lane.remove(other)
+
+
 def readable(fd: int, timeout: float = 5.0) -> bool:
     return bool(select.select([fd], [], [], timeout)[0])
 
