@@ -7,6 +7,7 @@ import asyncio
 import os
 import select
 import socket
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -499,3 +500,68 @@ def test_the_fast_path_runs_the_common_case() -> None:
         machine.both_sides_agree()
     finally:
         machine.teardown()
+
+
+def test_hand_overs_racing_the_lane_thread_lose_nothing() -> None:
+    """A device and its guest on a thread of their own do round trips through a threaded
+    lane, while the event loop keeps taking the state back and lending it again (a reload
+    applied in place; a timer that reads the trigger itself and leaves no loop timer, so
+    the lane hands back the next trigger): every interrupt is forwarded, ended and
+    unmasked once, by whichever side held the device."""
+    rounds = 2000
+    loop = asyncio.new_event_loop()
+    lane = Lane()
+    loop.add_reader(lane.notify_fd, lane.dispatch)
+    config = DeviceConfig.model_validate({
+        "name": "d", "pci_address": "0000:00:01.0", "backend": {"type": "sim"},
+        "policy": {"eoi_timeout": "60s", "storm": {"max_rate": 1e9, "burst": 10**6}}})
+    runner = DeviceRunner(config, loop, lambda *a: None, lane=lane)
+    device = FakeLine(raw_unmask=True)
+    runner.start(device)
+    sock, other = socket.socketpair()
+    irq, eoi = runner.attach(Peer(sock, 1, 0, frozenset()))
+    done: list[int] = []
+
+    def device_and_guest() -> None:
+        line = device.line
+        for _ in range(rounds):
+            line.device_raise()
+            if not readable(irq):
+                return
+            drain_eventfd(irq)
+            device.deassert()  # the guest services the device, then ends the interrupt
+            os.eventfd_write(eoi, 1)
+            if not readable(device.unmask_fd):
+                return
+            device.process_unmasks()
+            done.append(1)
+
+    async def hand_over_until_done(thread: threading.Thread) -> None:
+        while thread.is_alive():
+            runner.set_config(config)
+            await asyncio.sleep(0.0005)
+            runner._on_timer()
+            await asyncio.sleep(0.0005)
+
+    thread = threading.Thread(target=device_and_guest)
+    thread.start()
+    try:
+        loop.run_until_complete(asyncio.wait_for(hand_over_until_done(thread), 60))
+        thread.join()
+        stats = runner.stats
+        assert len(done) == rounds
+        assert (stats.interrupts, stats.forwards, stats.eois, stats.unmasks) == (rounds,) * 4
+        assert stats.spurious_eois == stats.coalesced_interrupts == 0
+        by_lane = runner._fast.counts()
+        assert by_lane is not None and by_lane[0] > 0  # the lane did its share ...
+        assert runner.channel.stats.interrupts > 0  # ... and so did the event loop
+    finally:
+        runner.close()
+        device.close()
+        loop.remove_reader(lane.notify_fd)
+        lane.close()
+        loop.close()
+        for fd in (irq, eoi):
+            os.close(fd)
+        sock.close()
+        other.close()
