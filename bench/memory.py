@@ -41,7 +41,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.run_eoid import Daemon
+from bench.run_eoid import Daemon, device_yaml
 
 DEFAULT_DEVICES = (1, 256, 1024, 2048)
 STATUS_FIELDS = ("VmHWM", "VmRSS", "RssAnon", "RssFile")
@@ -236,13 +236,6 @@ def _sim_process(path: Path) -> subprocess.Popen[bytes]:
             raise RuntimeError("the sim stand-in did not start")
         time.sleep(0.01)
     return proc
-
-
-def device_yaml(i: int) -> str:
-    """Device ``i``'s file as bench/run_eoid.py's ``Daemon.start`` writes it (keep the two
-    in step): a sim device, storm protection off."""
-    return (f"pci_address: '0000:{i // 256:02x}:{(i // 8) % 32:02x}.{i % 8}'\n"
-            "backend: {type: sim}\npolicy: {storm: {max_rate: 1.0e+9, burst: 1000000}}\n")
 
 
 def trace_devices(devices: int, group: str = "lineno", frames: int = 1) -> dict[str, Any]:

@@ -92,6 +92,13 @@ class SimStandIn:
             os.close(unmask)
 
 
+def device_yaml(i: int) -> str:
+    """Device ``i``'s file: a sim device with storm protection off (this measures the
+    relay, not the limiter)."""
+    return (f"pci_address: '0000:{i // 256:02x}:{(i // 8) % 32:02x}.{i % 8}'\n"
+            "backend: {type: sim}\npolicy: {storm: {max_rate: 1.0e+9, burst: 1000000}}\n")
+
+
 @dataclass
 class Daemon:
     """An ``eoid run`` with N sim devices, its sim stand-in and one attached consumer."""
@@ -120,10 +127,7 @@ class Daemon:
             f"sim: {{socket: {self.root}/sim.sock}}\n"
             f"log: {{format: json, level: info}}\nloop: {self.loop}\n")
         for i, name in enumerate(self.names()):
-            # storm protection off: this measures the relay, not the limiter
-            (self.root / "devices.d" / f"{name}.yaml").write_text(
-                f"pci_address: '0000:{i // 256:02x}:{(i // 8) % 32:02x}.{i % 8}'\n"
-                "backend: {type: sim}\npolicy: {storm: {max_rate: 1.0e+9, burst: 1000000}}\n")
+            (self.root / "devices.d" / f"{name}.yaml").write_text(device_yaml(i))
         self.sim = SimStandIn(self.root / "sim.sock")
         ensure_nofile(4 * self.devices + 256)  # the stand-in's 2 fds a device, the consumer's 2
         with (self.root / "daemon.log").open("wb") as log:
