@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import enum
 import grp
+import os
 import pwd
 import re
-from collections.abc import Iterator, Mapping
+import stat
+import sys
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self, TypeVar
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -32,22 +36,43 @@ from eoid.errors import ConfigError
 
 # --- human units ----------------------------------------------------------------------
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ns|us|µs|ms|s|m|h)\s*$")
+_DURATION = re.compile(r"^\s*([0-9]{1,12})(?:\.([0-9]{1,9}))?\s*(ns|us|µs|ms|s|m|h)\s*$")
 _NS_PER_UNIT = {"ns": 1, "us": 1_000, "µs": 1_000, "ms": 1_000_000, "s": 10**9, "m": 60 * 10**9,
                 "h": 3600 * 10**9}
 
 
+def _show(value: object, limit: int = 40) -> str:
+    """``repr`` cut to ``limit`` characters: an error message quotes a value, not a file."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def parse_duration(value: object) -> int:
-    """``'500us'`` → 500000 (nanoseconds). A bare number is refused: its unit would be a guess."""
+    """``'500us'`` → 500000 (nanoseconds). A bare number is refused: its unit would be a guess.
+
+    Exact integer arithmetic (at most 12 digits, 9 decimals), so no input overflows."""
     if isinstance(value, str):
         m = _DURATION.match(value)
         if m:
-            return round(float(m.group(1)) * _NS_PER_UNIT[m.group(2)])
-    raise ValueError(f"{value!r} is not a duration (a number and a unit: 500us, 10ms, 2s, 1m)")
+            whole, frac, unit = m.group(1), (m.group(2) or "").ljust(9, "0"), m.group(3)
+            scaled = (int(whole) * 10**9 + int(frac)) * _NS_PER_UNIT[unit]
+            return (scaled + 5 * 10**8) // 10**9  # to the nearest nanosecond
+    raise ValueError(f"{_show(value)} is not a duration (a number and a unit: 500us, 10ms, "
+                     "2s, 1m)")
 
 
-Duration = Annotated[int, BeforeValidator(parse_duration), Field(gt=0)]
-"""A positive duration in nanoseconds, written with a unit in YAML."""
+def _within(low: str, high: str) -> Callable[[int], int]:
+    """Check a duration is between ``low`` and ``high`` (inclusive). The bounds keep the
+    int64 nanosecond arithmetic of the runner and the C fast path (``now + timeout``,
+    a doubled backoff) far from overflow, and the timers from spinning."""
+    lo, hi = parse_duration(low), parse_duration(high)
+
+    def within(ns: int) -> int:
+        if not lo <= ns <= hi:
+            raise ValueError(f"{format_duration(ns)} is not between {low} and {high}")
+        return ns
+
+    return within
 
 
 def format_duration(ns: int) -> str:
@@ -55,6 +80,13 @@ def format_duration(ns: int) -> str:
         if ns >= scale and ns % scale == 0:
             return f"{ns // scale}{unit}"
     return f"{ns}ns"
+
+
+EoiTimeout = Annotated[int, BeforeValidator(parse_duration), AfterValidator(_within("1ms", "24h"))]
+"""How long a guest may take to end an interrupt."""
+Backoff = Annotated[int, BeforeValidator(parse_duration), AfterValidator(_within("1us", "1h"))]
+"""A storm's deferred unmask; doubled up to ``backoff_max``, so at most 2h in flight."""
+Recovery = Annotated[int, BeforeValidator(parse_duration), AfterValidator(_within("1ms", "24h"))]
 
 
 _PCI_ADDRESS = re.compile(r"^[0-9a-fA-F]{4}:[0-9a-fA-F]{2}:[0-1][0-9a-fA-F]\.[0-7]$")
@@ -81,26 +113,53 @@ class _Strict(BaseModel):
 # --- who may use the control socket -----------------------------------------------------
 
 
+_MAX_ID = 2**32 - 2  # (uid_t)-1 means "unchanged" to chown(2)
+
+
 def _uid(value: object) -> int:
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _MAX_ID:
         return value
     if isinstance(value, str):
         try:
             return pwd.getpwnam(value).pw_uid
-        except KeyError:
-            raise ValueError(f"no such user {value!r}") from None
-    raise ValueError(f"{value!r} is not a user name or uid")
+        except (KeyError, ValueError):  # ValueError: a NUL in the name
+            raise ValueError(f"no such user {_show(value)}") from None
+    raise ValueError(f"{_show(value)} is not a user name or uid (0 to {_MAX_ID})")
 
 
 def _gid(value: object) -> int:
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _MAX_ID:
         return value
     if isinstance(value, str):
         try:
             return grp.getgrnam(value).gr_gid
-        except KeyError:
-            raise ValueError(f"no such group {value!r}") from None
-    raise ValueError(f"{value!r} is not a group name or gid")
+        except (KeyError, ValueError):
+            raise ValueError(f"no such group {_show(value)}") from None
+    raise ValueError(f"{_show(value)} is not a group name or gid (0 to {_MAX_ID})")
+
+
+_MODE = re.compile(r"^0?[0-7]{3}$")
+
+
+def _mode(value: object) -> int:
+    """An octal string: YAML reads an unquoted 0660 as the number 432 and ``true`` as 1."""
+    if isinstance(value, str) and _MODE.match(value):
+        return int(value, 8)
+    raise ValueError(f"{_show(value)} is not a file mode: write it as an octal string in "
+                     "quotes, e.g. '0660'")
+
+
+def _socket_path(value: Path) -> Path:
+    """What ``bind(2)`` takes: no NUL, and within ``sun_path`` (108 bytes with its NUL)."""
+    raw = os.fsencode(value)
+    if b"\0" in raw:
+        raise ValueError("a path cannot hold a NUL byte")
+    if len(raw) > 107:
+        raise ValueError(f"{_show(str(value))} is longer than 107 bytes (a unix socket's limit)")
+    return value
+
+
+SocketPath = Annotated[Path, AfterValidator(_socket_path)]
 
 
 Uid = Annotated[int, BeforeValidator(_uid)]
@@ -132,20 +191,13 @@ class LogFormat(enum.StrEnum):
 
 
 class ControlConfig(_Strict):
-    socket: Path = Path("/run/eoid/control.sock")
-    socket_mode: Annotated[int, BeforeValidator(lambda v: int(v, 8) if isinstance(v, str) else v)]\
-        = 0o660
+    socket: SocketPath = Path("/run/eoid/control.sock")
+    socket_mode: Annotated[int, BeforeValidator(_mode)] = 0o660
+    """An octal string, ``'0000'`` to ``'0777'``."""
     socket_group: Gid | None = None
     status: Access | None = None
     """Who may ask for ``status``; unset: anyone who can connect to the socket."""
-    max_message_bytes: int = Field(default=65536, ge=1024, le=1 << 20)
-
-    @field_validator("socket_mode")
-    @classmethod
-    def _mode(cls, v: int) -> int:
-        if not 0 <= v <= 0o777:
-            raise ValueError(f"{oct(v)} is not a file mode (e.g. '0660')")
-        return v
+    max_message_bytes: int = Field(default=65536, ge=1024, le=1 << 20, strict=True)
 
 
 class MetricsConfig(_Strict):
@@ -174,7 +226,7 @@ class LogConfig(_Strict):
 
 
 class SimConfig(_Strict):
-    socket: Path = Path("/run/eoid/sim.sock")
+    socket: SocketPath = Path("/run/eoid/sim.sock")
     """Where ``eoid sim`` serves its simulated devices."""
 
 
@@ -200,11 +252,13 @@ class EoiTimeoutPolicy(enum.StrEnum):
 class StormPolicy(_Strict):
     """A token bucket: ``burst`` interrupts at once, refilled at ``max_rate`` per second."""
 
-    max_rate: float = Field(default=10_000, gt=0)
-    burst: int = Field(default=100, ge=1)
-    backoff_initial: Duration = parse_duration("1ms")
-    backoff_max: Duration = parse_duration("1s")
-    recovery: Duration = parse_duration("2s")
+    max_rate: float = Field(default=10_000, ge=1, le=1e9, allow_inf_nan=False)
+    """Interrupts per second, 1 to 1e9: one token refills in 1 ns to 1 s."""
+    burst: int = Field(default=100, ge=1, le=1_000_000, strict=True)
+    """Tokens the bucket holds: ``burst`` refills take at most 1e6 s, within int64 ns."""
+    backoff_initial: Backoff = parse_duration("1ms")
+    backoff_max: Backoff = parse_duration("1s")
+    recovery: Recovery = parse_duration("2s")
     """An episode ends after this long without throttling; the backoff then resets."""
 
     @model_validator(mode="after")
@@ -215,7 +269,7 @@ class StormPolicy(_Strict):
 
 
 class Policy(_Strict):
-    eoi_timeout: Duration = parse_duration("2s")
+    eoi_timeout: EoiTimeout = parse_duration("2s")
     on_eoi_timeout: EoiTimeoutPolicy = EoiTimeoutPolicy.UNMASK
     unmask_on_spurious: bool = False
     """Off by default: a spurious EOI racing an unread trigger would unmask a line whose
@@ -227,7 +281,7 @@ class SimBackend(_Strict):
     type: Literal["sim"]
     line: str | None = None
     """The simulated line's name; defaults to the device's name."""
-    socket: Path | None = None
+    socket: SocketPath | None = None
     """Overrides the daemon's ``sim.socket``."""
 
 
@@ -266,46 +320,160 @@ class DeviceConfig(_Strict):
 M = TypeVar("M", bound=BaseModel)
 
 
-def _node_lines(node: yaml.Node, path: tuple[str | int, ...] = ()) -> Iterator[
-        tuple[tuple[str | int, ...], int]]:
-    """Yield (path, 1-based line) for every value in a composed YAML document."""
-    yield path, node.start_mark.line + 1
-    if isinstance(node, yaml.MappingNode):
-        for key, value in node.value:
-            k = key.value
-            yield (*path, k), key.start_mark.line + 1
-            for sub, line in _node_lines(value, (*path, k)):
-                if sub != (*path, k):
-                    yield sub, line
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            yield from _node_lines(item, (*path, i))
+MAX_FILE_BYTES = 256 * 1024
+"""A config file is a few hundred bytes; a bigger one is a mistake (or an attack)."""
+MAX_DEPTH = 32
+"""Nesting levels, aliases followed; the models are five deep."""
+MAX_VALUES = 10_000
+"""Scalars, sequences and mappings in one file with its aliases expanded: an alias bomb
+(each level repeating the one before) stops here before anything walks it."""
+
+Where = tuple[str | int, ...]
 
 
-def _load_yaml(path: Path, shown: str) -> tuple[Any, dict[tuple[str | int, ...], int]]:
+def _problem(shown: str, line: int, column: int | None, field: str, message: str) -> str:
+    """One ``file:line[:column]: field: message`` line, with anything unprintable escaped."""
+    where = f"{shown}:{line}" if column is None else f"{shown}:{line}:{column}"
+    text = f"{where}: {field}: {message}"
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in text)
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with bounded nesting, whose construction errors (an integer of
+    more than 4300 digits, 2020-13-45) are marked YAML errors like the parser's."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        # The composer recurses once per level; the parser under it does not.
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                mark = self.peek_event().start_mark  # type: ignore[no-untyped-call]
+                raise yaml.composer.ComposerError(
+                    None, None, f"nested deeper than {MAX_DEPTH} levels", mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)
+        except (ValueError, OverflowError, TypeError) as e:
+            reason = f"an integer of more than {sys.get_int_max_str_digits()} digits" \
+                if "integer string conversion" in str(e) else str(e)
+            raise yaml.constructor.ConstructorError(
+                None, None, f"cannot read this value: {reason}", node.start_mark) from e
+
+
+def _lines(node: yaml.Node, shown: str) -> dict[Where, int]:
+    """(path, 1-based line) of every value, walking aliases, in at most ``MAX_VALUES``
+    steps: a graph of aliases that expands beyond that (or into itself) is refused
+    before the constructor or the models see it."""
+    lines: dict[Where, int] = {}
+    # (path, or None where no model field can be, depth, node)
+    stack: list[tuple[Where | None, int, yaml.Node]] = [((), 0, node)]
+    seen = 0
+    while stack:
+        path, depth, n = stack.pop()
+        seen += 1
+        mark = n.start_mark
+        if seen > MAX_VALUES:
+            raise ConfigError([_problem(shown, mark.line + 1, mark.column + 1, "(file)",
+                                        f"more than {MAX_VALUES} values (aliases expanded)")])
+        if depth > MAX_DEPTH:
+            raise ConfigError([_problem(shown, mark.line + 1, mark.column + 1, "invalid YAML",
+                                        "recursive alias, or nested deeper than "
+                                        f"{MAX_DEPTH} levels through aliases")])
+        if path is not None:
+            lines.setdefault(path, mark.line + 1)
+        if isinstance(n, yaml.MappingNode):
+            for key, value in n.value:
+                sub: Where | None = None
+                if path is not None and isinstance(key, yaml.ScalarNode):
+                    sub = (*path, key.value)
+                    lines.setdefault(sub, key.start_mark.line + 1)
+                stack.append((None, depth + 1, key))
+                stack.append((sub, depth + 1, value))
+        elif isinstance(n, yaml.SequenceNode):
+            for i, item in enumerate(n.value):
+                stack.append((None if path is None else (*path, i), depth + 1, item))
+    return lines
+
+
+def _read(path: Path, shown: str) -> bytes:
+    """At most ``MAX_FILE_BYTES`` of a regular file: never blocks on a FIFO or a device."""
     try:
-        text = path.read_text()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except (OSError, ValueError) as e:
+        reason = e.strerror if isinstance(e, OSError) else "a NUL byte in the path"
+        raise ConfigError([_problem(shown, 1, None, "(file)", f"cannot read: {reason}")]) from e
+    try:
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise ConfigError([_problem(shown, 1, None, "(file)", "not a regular file")])
+            data = f.read(MAX_FILE_BYTES + 1)
     except OSError as e:
-        raise ConfigError([f"{shown}: cannot read: {e.strerror}"]) from e
+        raise ConfigError([_problem(shown, 1, None, "(file)", f"cannot read: {e.strerror}")]) \
+            from e
+    if len(data) > MAX_FILE_BYTES:
+        raise ConfigError([_problem(shown, 1, None, "(file)",
+                                    f"larger than {MAX_FILE_BYTES} bytes")])
+    return data
+
+
+def _load_yaml(path: Path, shown: str) -> tuple[Any, dict[Where, int]]:
+    """The document of one file and the line of every value, or a ConfigError: whatever
+    the bytes, in time bounded by the limits above."""
+    data = _read(path, shown)
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise ConfigError([_problem(shown, line, column, "(file)",
+                                    f"not UTF-8 (byte 0x{data[e.start]:02x})")]) from None
+    loader: _Loader | None = None
+    try:
+        loader = _Loader(text)  # checks every character first
+        node = loader.get_single_node()
+        lines = {} if node is None else _lines(node, shown)
+        document = None if node is None else loader.construct_document(node)
     except yaml.MarkedYAMLError as e:
-        line = (e.problem_mark.line + 1) if e.problem_mark else 1
-        raise ConfigError([f"{shown}:{line}: invalid YAML: {e.problem}"]) from e
+        mark = e.problem_mark or e.context_mark
+        line, column = (mark.line + 1, mark.column + 1) if mark else (1, 0)
+        problem = e.problem or e.context or "malformed"
+        if e.problem and e.context:
+            problem = f"{e.problem} ({e.context})"
+        raise ConfigError([_problem(shown, line, column or None, "invalid YAML", problem)]) \
+            from None
+    except yaml.reader.ReaderError as e:
+        before = text[:e.position]
+        line = before.count("\n") + 1
+        column = e.position - (before.rfind("\n") + 1) + 1
+        character = e.character if isinstance(e.character, int) else 0
+        raise ConfigError([_problem(shown, line, column, "invalid YAML",
+                                    f"character #x{character:04x} is not allowed")]) from None
     except yaml.YAMLError as e:
-        raise ConfigError([f"{shown}: invalid YAML: {e}"]) from e
-    lines = dict(_node_lines(node)) if node is not None else {}
-    return data, lines
+        raise ConfigError([_problem(shown, 1, None, "invalid YAML", str(e))]) from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+    return document, lines
 
 
-def _validate(model: type[M], data: Any, shown: str,
-              lines: Mapping[tuple[str | int, ...], int],
+def _validate(model: type[M], data: Any, shown: str, lines: Mapping[Where, int],
               shared: dict[Any, Any] | None = None) -> M:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError([f"{shown}:1: expected a mapping of settings, got {type(data).__name__}"])
+        raise ConfigError([_problem(shown, 1, None, "(file)", "expected a mapping of settings, "
+                                    f"got {type(data).__name__}")])
     try:
         return model.model_validate(data, context={SHARED: shared})
     except ValidationError as e:
@@ -319,9 +487,18 @@ def _validate(model: type[M], data: Any, shown: str,
                 if loc[:n] in lines:
                     line = lines[loc[:n]]
                     break
-            field = ".".join(str(p) for p in loc) or "(file)"
-            problems.append((line, f"{shown}:{line}: {field}: {_message(err)}"))
+            field = ".".join(_key(p) for p in loc) or "(file)"
+            problems.append((line, _problem(shown, line, None, field, _message(err))))
         raise ConfigError([text for _, text in sorted(problems)]) from e
+
+
+_KEY = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
+
+
+def _key(part: object) -> str:
+    """A step of a field's path; an odd key (spaces, colons, any length) is quoted."""
+    text = str(part)
+    return text if _KEY.match(text) else _show(text).replace(" ", "\\x20").replace(":", "\\x3a")
 
 
 def _message(err: Any) -> str:
@@ -333,9 +510,9 @@ def _message(err: Any) -> str:
     if kind == "value_error":
         return str(msg).removeprefix("Value error, ")
     if kind == "union_tag_invalid":
-        return f"unknown backend type {err['input'].get('type')!r} (expected sim or vfio)" \
+        return f"unknown backend type {_show(err['input'].get('type'))} (expected sim or vfio)" \
             if isinstance(err.get("input"), dict) else str(msg)
-    return f"{msg} (got {err['input']!r})" if "input" in err and not isinstance(
+    return f"{msg} (got {_show(err['input'])})" if "input" in err and not isinstance(
         err["input"], dict | list) else str(msg)
 
 
@@ -354,6 +531,8 @@ def load_device(path: Path, shown: str | None = None,
     in ``shared`` are taken from there, and new ones added (see ``_Strict``)."""
     shown = shown or str(path)
     data, lines = _load_yaml(path, shown)
+    if data is None:
+        data = {}
     if isinstance(data, dict) and "name" not in data:
         data = {"name": path.stem, **data}
     return _validate(DeviceConfig, data, shown, lines, shared)
@@ -368,8 +547,8 @@ def load_config(path: Path) -> Config:
     where: dict[str, str] = {}
     devices_dir = path.parent / daemon.devices_dir
     if not devices_dir.is_dir():
-        raise ConfigError([f"{path}:{lines.get(('devices_dir',), 1)}: devices_dir: "
-                           f"{devices_dir} is not a directory"])
+        raise ConfigError([_problem(str(path), lines.get(("devices_dir",), 1), None,
+                                    "devices_dir", f"{devices_dir} is not a directory")])
     pci_seen: dict[str, str] = {}
     shared: dict[Any, Any] = {}
     for file in sorted(devices_dir.glob("*.yaml")) + sorted(devices_dir.glob("*.yml")):
@@ -380,12 +559,12 @@ def load_config(path: Path) -> Config:
             problems.extend(e.problems)
             continue
         if device.name in devices:
-            problems.append(f"{shown}:1: name: {device.name!r} is already used by "
-                            f"{where[device.name]}")
+            problems.append(_problem(shown, 1, None, "name", f"{device.name!r} is already "
+                                     f"used by {where[device.name]}"))
             continue
         if device.backend.type == "vfio" and device.pci_address in pci_seen:
-            problems.append(f"{shown}:1: pci_address: {device.pci_address} is already used by "
-                            f"{pci_seen[device.pci_address]}")
+            problems.append(_problem(shown, 1, None, "pci_address", f"{device.pci_address} is "
+                                     f"already used by {pci_seen[device.pci_address]}"))
             continue
         pci_seen[device.pci_address] = shown
         devices[device.name] = device

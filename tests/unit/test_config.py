@@ -84,8 +84,8 @@ def test_missing_fields_unknown_backend_and_bad_yaml(tmp_path: Path) -> None:
     assert f"{tmp_path}/devices.d/a.yaml:1: pci_address: required setting is missing" in text
     assert (f"{tmp_path}/devices.d/b.yaml:2: backend: unknown backend type 'pci-stub' "
             "(expected sim or vfio)") in text
-    assert f"{tmp_path}/devices.d/c.yaml:3: invalid YAML" in text
-    assert f"{tmp_path}/devices.d/d.yaml:1: expected a mapping" in text
+    assert f"{tmp_path}/devices.d/c.yaml:3:1: invalid YAML: " in text
+    assert f"{tmp_path}/devices.d/d.yaml:1: (file): expected a mapping" in text
 
 
 def test_duplicate_names_and_addresses(tmp_path: Path) -> None:
