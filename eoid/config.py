@@ -69,10 +69,18 @@ def _within(low: str, high: str) -> Callable[[int], int]:
 
     def within(ns: int) -> int:
         if not lo <= ns <= hi:
-            raise ValueError(f"{format_duration(ns)} is not between {low} and {high}")
+            raise ValueError(f"{_human(ns)} is not between {low} and {high}")
         return ns
 
     return within
+
+
+def _human(ns: int) -> str:
+    """Like ``format_duration``, in hours and minutes too."""
+    for unit, scale in (("h", _NS_PER_UNIT["h"]), ("m", _NS_PER_UNIT["m"])):
+        if ns >= scale and ns % scale == 0:
+            return f"{ns // scale}{unit}"
+    return format_duration(ns)
 
 
 def format_duration(ns: int) -> str:
@@ -546,12 +554,19 @@ def load_config(path: Path) -> Config:
     devices: dict[str, DeviceConfig] = {}
     where: dict[str, str] = {}
     devices_dir = path.parent / daemon.devices_dir
-    if not devices_dir.is_dir():
+    try:
+        files = sorted(devices_dir.glob("*.yaml")) + sorted(devices_dir.glob("*.yml")) \
+            if devices_dir.is_dir() else None
+    except OSError as e:  # a name too long, say: is_dir() ignores only some errors
+        files, reason = None, f"cannot read {devices_dir}: {e.strerror}"
+    else:
+        reason = f"{devices_dir} is not a directory"
+    if files is None:
         raise ConfigError([_problem(str(path), lines.get(("devices_dir",), 1), None,
-                                    "devices_dir", f"{devices_dir} is not a directory")])
+                                    "devices_dir", reason)])
     pci_seen: dict[str, str] = {}
     shared: dict[Any, Any] = {}
-    for file in sorted(devices_dir.glob("*.yaml")) + sorted(devices_dir.glob("*.yml")):
+    for file in files:
         shown = str(file)
         try:
             device = load_device(file, shown, shared)

@@ -179,6 +179,17 @@ def test_big_files_and_odd_files_are_refused(tmp_path: Path) -> None:
         f"{tmp_path}/devices.d/e.yaml:1: (file): cannot read: Is a directory"]
 
 
+def test_unusable_devices_dirs(tmp_path: Path) -> None:
+    found = refused(tmp_path, b"devices_dir: " + b"x" * 5000 + b"\n")
+    assert found[0].startswith(f"{tmp_path}/eoid.yaml:1: devices_dir: cannot read "), found
+    assert found[0].endswith(": File name too long"), found
+    found = refused(tmp_path, b"devices_dir: \"a\\0b\"\n")
+    assert found[0].startswith(f"{tmp_path}/eoid.yaml:1: devices_dir: "), found
+    found = refused(tmp_path, b"devices_dir: eoid.yaml\n")
+    assert found == [f"{tmp_path}/eoid.yaml:1: devices_dir: {tmp_path}/eoid.yaml is not a "
+                     "directory"]
+
+
 def test_a_fifo_is_not_waited_on(tmp_path: Path) -> None:
     import os
 
