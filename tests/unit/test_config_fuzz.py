@@ -7,12 +7,13 @@ directives), or replaced by random bytes. The loader must either accept the tree
 every value is within the bounds the README documents (and fits the int64 nanosecond
 arithmetic of the runner and the C fast path), or raise ConfigError whose every line is
 ``file:line[:column]: field: message`` for a file of the tree; never another exception, and
-within ``SECONDS`` per tree.
+within ``SECONDS`` of CPU per tree (CPU, not wall time: the bound is on the loader's work,
+whatever else the machine runs).
 
 CI runs ``EXAMPLES`` trees (2,000); the long campaign is::
 
     EOID_FUZZ_CONFIGS=100000 .venv/bin/python -m pytest tests/unit/test_config_fuzz.py \\
-        -q -s -p no:timeout
+        -q -s
 
 which prints the tally (accepted, refused, slowest tree) at the end.
 """
@@ -346,13 +347,13 @@ def test_any_config_tree_loads_or_is_refused_line_by_line(seed: int) -> None:
         (root / "devices.d").mkdir()
         for name, data in tree.items():
             (root / name).write_bytes(data)
-        started = time.monotonic()
+        started = time.process_time()
         problems: list[str] = []
         try:
             config: Config | None = load_config(root / "eoid.yaml")
         except ConfigError as e:
             config, problems = None, e.problems
-        elapsed = time.monotonic() - started
+        elapsed = time.process_time() - started
         if config is None:
             assert problems
             for problem in problems:

@@ -16,7 +16,7 @@ from eoid.errors import ConfigError
 
 PROBLEM = re.compile(r"^(?P<file>[^\n]+?):(?P<line>[0-9]+)(?::(?P<col>[0-9]+))?: "
                      r"(?P<field>[^\n]+?): (?P<message>[^\n]+)$")
-SECONDS = 2.0  # every file here loads or is refused well within this
+SECONDS = 2.0  # of CPU: every file here loads or is refused well within this
 
 
 def write(root: Path, daemon: bytes, devices: dict[str, bytes]) -> Path:
@@ -30,10 +30,10 @@ def write(root: Path, daemon: bytes, devices: dict[str, bytes]) -> Path:
 def refused(root: Path, daemon: bytes = b"", **devices: bytes) -> list[str]:
     """The problems found, each checked against the format; fails if the config loads."""
     files = {f"{name}.yaml": data for name, data in devices.items()}
-    started = time.monotonic()
+    started = time.process_time()  # CPU: the machine may be busy, the bound is on work
     with pytest.raises(ConfigError) as e:
         load_config(write(root, daemon, files))
-    assert time.monotonic() - started < SECONDS
+    assert time.process_time() - started < SECONDS
     assert e.value.problems
     for problem in e.value.problems:
         m = PROBLEM.match(problem)
@@ -171,8 +171,8 @@ def test_an_empty_device_file_lacks_its_settings(tmp_path: Path) -> None:
 
 
 def test_big_files_and_odd_files_are_refused(tmp_path: Path) -> None:
-    found = one(tmp_path, DEVICE + b"#" * (300 * 1024) + b"\n")
-    assert found == f"{tmp_path}/devices.d/d.yaml:1: (file): larger than 262144 bytes"
+    found = one(tmp_path, DEVICE + b"#" * (70 * 1024) + b"\n")
+    assert found == f"{tmp_path}/devices.d/d.yaml:1: (file): larger than 65536 bytes"
     (tmp_path / "devices.d" / "d.yaml").unlink()
     (tmp_path / "devices.d" / "e.yaml").mkdir()
     assert refused(tmp_path) == [
