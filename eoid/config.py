@@ -377,7 +377,10 @@ class _Loader(yaml.SafeLoader):
     def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
         try:
             return super().construct_object(node, deep)
-        except (ValueError, OverflowError, TypeError) as e:
+        except yaml.YAMLError:
+            raise
+        except Exception as e:  # PyYAML's constructors raise anything:
+            # ValueError (int('0x')), KeyError (!!bool maybe), AttributeError (!!timestamp x)
             reason = f"an integer of more than {sys.get_int_max_str_digits()} digits" \
                 if "integer string conversion" in str(e) else str(e)
             raise yaml.constructor.ConstructorError(
