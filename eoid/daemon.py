@@ -18,6 +18,7 @@ import os
 import resource
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -156,9 +157,10 @@ class Daemon:
             self.store.remove(name)
         self._save_state()
         self.metrics.last_reload_success = time.time()
-        for sig, handler in ((signal.SIGTERM, self.stop), (signal.SIGINT, self.stop),
-                             (signal.SIGHUP, self.reload)):
-            self._loop.add_signal_handler(sig, handler)
+        if threading.current_thread() is threading.main_thread():  # not in-process tests
+            for sig, handler in ((signal.SIGTERM, self.stop), (signal.SIGINT, self.stop),
+                                 (signal.SIGHUP, self.reload)):
+                self._loop.add_signal_handler(sig, handler)
         self.notify(self.notifier.ready, self._status())
         interval = watchdog_interval()
         if interval is not None:

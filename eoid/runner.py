@@ -389,8 +389,7 @@ class DeviceRunner:
         if not self.config.consumers.allows(peer.uid, peer.gids):
             raise ProtocolError("forbidden", f"uid {peer.uid} may not attach to {self.name}")
         if self.consumer is not None:
-            raise ProtocolError("busy", f"{self.name} already has a consumer "
-                                f"(pid {self.consumer.pid})")
+            raise ProtocolError("busy", f"{self.name} already has a consumer")
         if self.device is not None:
             self._settle()  # what happened before this consumer existed
         drain_eventfd(self.irq_fd)  # edges nobody read are not this consumer's to see
