@@ -35,7 +35,15 @@ from typing import Any, Protocol
 import structlog
 
 from eoid.config import Access, ControlConfig
-from eoid.errors import EoidError, ProtocolError
+from eoid.errors import (
+    DeviceBusy,
+    EoidError,
+    NotAllowed,
+    NotAttached,
+    ProtocolError,
+    Refused,
+    UnknownDevice,
+)
 from eoid.wire import encode, peer_credentials, peer_groups, recv_msg, send_data, send_msg
 
 PROTOCOL_VERSION = 1
@@ -51,6 +59,9 @@ _RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 CODES = ("bad_json", "bad_request", "too_large", "too_many_fds", "too_many_connections",
          "unknown_op", "unknown_device", "forbidden", "busy", "not_attached", "failed")
 """Every error code a peer can receive (the README lists each)."""
+REFUSALS: dict[type[Refused], str] = {UnknownDevice: "unknown_device", NotAllowed: "forbidden",
+                                      DeviceBusy: "busy", NotAttached: "not_attached"}
+"""The protocol's code for each refusal the daemon's runners raise."""
 
 
 @dataclass(eq=False)
@@ -66,6 +77,12 @@ class Peer:
 
     def describe(self) -> dict[str, int]:
         return {"pid": self.pid, "uid": self.uid}
+
+    def device_event(self, event: str, device: str, reason: str | None = None) -> None:
+        message = {"event": event, "device": device}
+        if reason is not None:
+            message["reason"] = reason
+        self.notify(message)
 
     def notify(self, message: dict[str, Any]) -> None:
         """Best effort: a consumer that does not read its socket cannot stall the daemon."""
@@ -363,7 +380,10 @@ class ControlServer:
             return
         attached = set(peer.attached)
         try:
-            reply, out_fds = self._dispatch(peer, message)
+            try:
+                reply, out_fds = self._dispatch(peer, message)
+            except Refused as e:
+                raise ProtocolError(REFUSALS.get(type(e), "failed"), str(e)) from e
         except ProtocolError as e:
             self._undo_attach(peer, attached)
             self._refused(peer, message.get("op"), e)

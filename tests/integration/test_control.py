@@ -24,7 +24,7 @@ import pytest
 import structlog.testing
 
 from eoid.config import Config, load_config
-from eoid.control import CODES, ControlClient, wait_for_socket
+from eoid.control import CODES, REFUSALS, ControlClient, wait_for_socket
 from eoid.errors import EoidError, ProtocolError
 from eoid.testing import RunningDaemon, connect_as, run_server
 from eoid.wire import recv_msg, send_msg
@@ -208,6 +208,16 @@ def test_busy_does_not_reveal_the_holder(served: RunningDaemon) -> None:
         assert "pid" not in str(busy.value) and str(os.getpid()) not in str(busy.value)
 
 
+def test_the_runners_refusals_become_the_protocols_codes(served: RunningDaemon) -> None:
+    """The runner raises domain errors (eoid.errors); only eoid.control names codes."""
+    with ControlClient(served.control) as client:
+        for fields, code in (({"device": "dev0"}, "not_attached"),
+                             ({"device": "nope"}, "unknown_device")):
+            with pytest.raises(ProtocolError) as refused:
+                client.request("detach", **fields)
+            assert refused.value.code == code
+
+
 def test_the_readme_lists_every_error_code() -> None:
     readme = (ROOT / "README.md").read_text()
     section = readme[readme.index("## The control protocol"):]
@@ -215,7 +225,7 @@ def test_the_readme_lists_every_error_code() -> None:
     raised = set(re.findall(r'ProtocolError\(\s*"(\w+)"', "".join(
         (ROOT / "eoid" / f).read_text() for f in ("control.py", "wire.py", "daemon.py",
                                                   "runner.py"))))
-    assert raised <= set(CODES)
+    assert raised <= set(CODES) and set(REFUSALS.values()) <= set(CODES)
     for code in CODES:
         assert f"`{code}`" in section, f"{code} missing from the README's control protocol"
 
