@@ -206,6 +206,8 @@ class ControlConfig(_Strict):
     status: Access | None = None
     """Who may ask for ``status``; unset: anyone who can connect to the socket."""
     max_message_bytes: int = Field(default=65536, ge=1024, le=1 << 20, strict=True)
+    max_connections_per_uid: int = Field(default=256, ge=1, le=65536, strict=True)
+    """Connections one uid may hold at once (root and the daemon's own user: no limit)."""
 
 
 class MetricsConfig(_Strict):

@@ -4,8 +4,15 @@
 Requests carry ``op`` and an optional ``id`` echoed in the reply. Replies are
 ``{"ok": true, …}`` or ``{"ok": false, "error": {"code", "message"}}``. The daemon may
 also send unsolicited ``{"event": …}`` messages to a consumer (device down, shutdown).
-Every peer is identified by ``SO_PEERCRED``; nothing a peer sends can reach a device
-unless the device's ``consumers`` allow that peer.
+Every peer is identified by the kernel (``SO_PEERCRED`` and ``SO_PEERGROUPS``); nothing
+a peer sends can reach a device unless the device's ``consumers`` allow that peer.
+
+Against a hostile peer (see RELIABILITY.md): every message gets exactly one reply, or
+the connection is closed (a peer that does not read its replies, one over its uid's
+connection limit); no fd a peer sends is kept; nothing it sends raises out of the
+handler; an attach whose reply cannot be sent is undone; accept failures (out of fds)
+pause the listener with a backoff instead of spinning; refusals are logged with the
+peer's credentials, a bounded number per uid.
 """
 
 from __future__ import annotations
@@ -13,7 +20,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import math
 import os
+import secrets
 import socket
 import stat
 import time
@@ -26,21 +35,33 @@ from typing import Any, Protocol
 import structlog
 
 from eoid.config import Access, ControlConfig
-from eoid.errors import EoidError, ProtocolError
-from eoid.wire import peer_credentials, recv_msg, send_msg
+from eoid.errors import (
+    DeviceBusy,
+    EoidError,
+    NotAllowed,
+    NotAttached,
+    ProtocolError,
+    Refused,
+    UnknownDevice,
+)
+from eoid.wire import encode, peer_credentials, peer_groups, recv_msg, send_data, send_msg
 
 PROTOCOL_VERSION = 1
-
-
-def peer_groups(pid: int, gid: int) -> frozenset[int]:
-    """The peer's primary and supplementary groups (from /proc; SO_PEERCRED has only one)."""
-    gids = {gid}
-    with contextlib.suppress(OSError):
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("Groups:"):
-                gids.update(int(g) for g in line.split()[1:])
-                break
-    return frozenset(gids)
+MAX_ID_CHARS = 256  # a string ``id`` longer than this is refused (it is echoed back)
+MAX_ERROR_CHARS = 512  # error messages quote what the peer sent: at most this much
+MAX_DEVICE_CHARS = 64  # longer than any device name the configuration accepts
+ACCEPT_BATCH = 64  # connections accepted per wake-up, so accepting never starves requests
+ACCEPT_BACKOFF_INITIAL = 0.05  # seconds the listener pauses after an accept failure...
+ACCEPT_BACKOFF_MAX = 2.0  # ...doubling up to this while failures go on
+AUDIT_BURST = 10  # refusals logged per uid in each window; the rest are counted
+AUDIT_WINDOW = 60.0  # seconds
+_RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+CODES = ("bad_json", "bad_request", "too_large", "too_many_fds", "too_many_connections",
+         "unknown_op", "unknown_device", "forbidden", "busy", "not_attached", "failed")
+"""Every error code a peer can receive (the README lists each)."""
+REFUSALS: dict[type[Refused], str] = {UnknownDevice: "unknown_device", NotAllowed: "forbidden",
+                                      DeviceBusy: "busy", NotAttached: "not_attached"}
+"""The protocol's code for each refusal the daemon's runners raise."""
 
 
 @dataclass(eq=False)
@@ -52,13 +73,20 @@ class Peer:
     uid: int
     gids: frozenset[int]
     attached: set[str] = field(default_factory=set)
+    gid: int = -1  # primary group (also in ``gids``)
 
     def describe(self) -> dict[str, int]:
         return {"pid": self.pid, "uid": self.uid}
 
+    def device_event(self, event: str, device: str, reason: str | None = None) -> None:
+        message = {"event": event, "device": device}
+        if reason is not None:
+            message["reason"] = reason
+        self.notify(message)
+
     def notify(self, message: dict[str, Any]) -> None:
         """Best effort: a consumer that does not read its socket cannot stall the daemon."""
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, ValueError):
             send_msg(self.sock, message)
 
 
@@ -76,8 +104,59 @@ class ControlHandler(Protocol):
     def peer_closed(self, peer: Peer) -> None: ...
 
 
+def _valid_id(value: Any) -> bool:
+    """An ``id`` we can echo: a JSON scalar, finite, and short (it comes back to the peer)."""
+    if value is None or isinstance(value, bool):
+        return True
+    if isinstance(value, int):
+        return -(1 << 63) <= value < (1 << 64)
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return isinstance(value, str) and len(value) <= MAX_ID_CHARS
+
+
+def _short(text: str, limit: int = MAX_ERROR_CHARS) -> str:
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+class Audit:
+    """Refused requests, logged with who asked (uid, gid, pid from the kernel); at most
+    ``AUDIT_BURST`` lines per uid every ``AUDIT_WINDOW`` seconds, then one line counting
+    what was not logged, so a hostile peer cannot flood the journal."""
+
+    def __init__(self, log: Any) -> None:
+        self._log = log
+        self._windows: dict[int, list[float]] = {}  # uid -> [window start, logged, dropped]
+
+    def refused(self, *, pid: int, uid: int, gid: int, op: object, code: str,
+                reason: str) -> None:
+        now = time.monotonic()
+        window = self._windows.get(uid)
+        if window is None or now - window[0] >= AUDIT_WINDOW:
+            if window is not None and window[2]:
+                self._log.warning("control requests refused (not logged one by one)",
+                                  uid=uid, count=int(window[2]),
+                                  seconds=round(now - window[0], 1))
+            if len(self._windows) > 4096:  # forget uids whose window has passed
+                self._windows = {u: w for u, w in self._windows.items()
+                                 if now - w[0] < AUDIT_WINDOW}
+            window = self._windows[uid] = [now, 0, 0]
+        if window[1] < AUDIT_BURST:
+            window[1] += 1
+            self._log.warning("control request refused", op=_short(repr(op), 64), code=code,
+                              reason=_short(reason, 200), uid=uid, gid=gid, pid=pid)
+        else:
+            window[2] += 1
+
+
 class ControlServer:
-    """Accepts peers and answers their requests on the event loop, never blocking it."""
+    """Accepts peers and answers their requests on the event loop, never blocking it.
+
+    Each readable wake-up of a connection handles one message, completely (replies
+    never wait: a peer whose socket is full is disconnected), so a connection has at
+    most one request in flight and connections are served round-robin; the number of
+    connections per uid is bounded (``max_connections_per_uid``, root and the daemon's
+    own user excepted), so one user cannot take the socket from another."""
 
     def __init__(self, config: ControlConfig, handler: ControlHandler,
                  loop: asyncio.AbstractEventLoop) -> None:
@@ -87,41 +166,83 @@ class ControlServer:
         self.peers: set[Peer] = set()
         self.sock: socket.socket | None = None
         self._log = structlog.get_logger("eoid.control")
+        self.audit = Audit(self._log)
+        self._per_uid: dict[int, int] = {}
+        self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of our socket file
+        self._accept_backoff = 0.0
+        self._accept_failures = 0
+        self._accept_paused_at = 0.0
+        self._accept_retry: asyncio.TimerHandle | None = None
 
     def listen(self, inherited: socket.socket | None = None) -> socket.socket:
         """Bind the socket (or adopt one kept across a restart) and start accepting."""
         if inherited is not None:
             self.sock = inherited
+            with contextlib.suppress(OSError):
+                st = os.lstat(self.config.socket)
+                if stat.S_ISSOCK(st.st_mode):
+                    self._identity = (st.st_dev, st.st_ino)
         else:
             self.sock = self._bind(self.config.socket)
         self.sock.setblocking(False)
         self.loop.add_reader(self.sock.fileno(), self._accept)
         return self.sock
 
+    # --- creating the socket ------------------------------------------------------------
+
     def _bind(self, path: Path) -> socket.socket:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if path.exists() or path.is_symlink():
-            if not stat.S_ISSOCK(path.lstat().st_mode):
+        """Create the socket race-free: in a directory checked from ``/`` down without
+        following a symlink, under a temporary name, with its mode set at bind time by the
+        umask and its group by ``fchownat`` on that name, then renamed into place. Nothing
+        is done by path in a directory another user could change."""
+        path = path.absolute()
+        dir_fd = open_private_dir(path.parent)
+        try:
+            return self._bind_in(dir_fd, path)
+        finally:
+            os.close(dir_fd)
+
+    def _bind_in(self, dir_fd: int, path: Path) -> socket.socket:
+        name = path.name
+        with contextlib.suppress(FileNotFoundError):
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            if not stat.S_ISSOCK(st.st_mode):
                 raise EoidError(f"{path} exists and is not a socket; refusing to replace it")
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
             try:
                 probe.connect(str(path))
             except OSError:
-                path.unlink()  # a stale socket from a daemon that died
+                pass  # a stale socket from a daemon that died: the rename replaces it
             else:
                 raise EoidError(f"another eoid is already listening on {path}")
             finally:
                 probe.close()
+        temp = f".{name[:40]}.{secrets.token_hex(4)}"
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        old = os.umask(0o777)  # no window where the socket exists with looser permissions
         try:
-            sock.bind(str(path))
-        finally:
-            os.umask(old)
-        if self.config.socket_group is not None:
-            os.chown(path, -1, self.config.socket_group)
-        os.chmod(path, self.config.socket_mode)
-        sock.listen(64)
+            old = os.umask(0o777 & ~self.config.socket_mode)  # the mode, at bind time
+            try:
+                sock.bind(str(path.parent / temp))
+            finally:
+                os.umask(old)
+            try:
+                group = self.config.socket_group
+                if group is not None and group != os.getegid():
+                    os.chown(temp, -1, group, dir_fd=dir_fd, follow_symlinks=False)
+                os.rename(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(temp, dir_fd=dir_fd)
+                raise
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            self._identity = (st.st_dev, st.st_ino)
+            sock.listen(64)
+        except OSError as e:
+            sock.close()
+            raise EoidError(f"cannot create {path}: {e.strerror}") from e
+        except BaseException:
+            sock.close()
+            raise
         return sock
 
     def close(self, handover: bool = False) -> None:
@@ -129,48 +250,116 @@ class ControlServer:
         closed peers: their connections live on in the fd store for the successor."""
         for peer in list(self.peers):
             if handover:
-                self.peers.discard(peer)
-                with contextlib.suppress(ValueError, OSError):
-                    self.loop.remove_reader(peer.sock.fileno())
+                self._forget(peer)
                 peer.sock.close()
             else:
                 self._drop(peer)
+        if self._accept_retry is not None:
+            self._accept_retry.cancel()
+            self._accept_retry = None
         if self.sock is not None:
             with contextlib.suppress(ValueError, OSError):
                 self.loop.remove_reader(self.sock.fileno())
             self.sock.close()
             self.sock = None
             if not handover:
-                with contextlib.suppress(FileNotFoundError):
-                    self.config.socket.unlink()
+                self._unlink()
+
+    def _unlink(self) -> None:
+        """Remove our socket file, and only ours (never a successor's at the same path)."""
+        with contextlib.suppress(OSError):
+            st = os.lstat(self.config.socket)
+            if self._identity == (st.st_dev, st.st_ino):
+                self.config.socket.unlink()
+
+    # --- connections ---------------------------------------------------------------------
 
     def adopt_peer(self, sock: socket.socket) -> Peer:
-        """Serve a connection accepted before a restart (kept in systemd's fd store)."""
+        """Serve a connection (accepted now, or before a restart and kept in systemd's fd
+        store). Its identity is the kernel's: SO_PEERCRED and SO_PEERGROUPS."""
         sock.setblocking(False)
         pid, uid, gid = peer_credentials(sock)
-        peer = Peer(sock, pid, uid, peer_groups(pid, gid))
+        try:
+            groups = peer_groups(sock)
+        except OSError:
+            groups = frozenset()
+        peer = Peer(sock, pid, uid, groups | {gid}, gid=gid)
         self.peers.add(peer)
+        self._per_uid[uid] = self._per_uid.get(uid, 0) + 1
         self.loop.add_reader(sock.fileno(), self._readable, peer)
         return peer
 
     def _accept(self) -> None:
         assert self.sock is not None
-        while True:
+        for _ in range(ACCEPT_BATCH):
             try:
                 conn, _ = self.sock.accept()
             except (BlockingIOError, InterruptedError):
+                break
+            except OSError as e:
+                if e.errno in _RESOURCE_ERRORS:
+                    self._pause_accepting(e)
+                    return
+                if e.errno == errno.ECONNABORTED:
+                    continue  # that peer gave up before we took it
+                self._pause_accepting(e)
                 return
-            except OSError as e:  # EMFILE and friends: keep serving the others
-                self._log.warning("control accept failed", error=e.strerror)
-                return
-            self.adopt_peer(conn)
+            try:
+                self._admit(conn)
+            except OSError:
+                conn.close()
+        if self._accept_failures:
+            self._log.info("control socket accepting again", failures=self._accept_failures,
+                           paused_seconds=round(time.monotonic() - self._accept_paused_at, 3))
+            self._accept_failures = 0
+            self._accept_backoff = 0.0
+
+    def _admit(self, conn: socket.socket) -> None:
+        pid, uid, gid = peer_credentials(conn)
+        if uid not in (0, os.getuid()) and \
+                self._per_uid.get(uid, 0) >= self.config.max_connections_per_uid:
+            message = (f"uid {uid} already has {self.config.max_connections_per_uid} "
+                       "connections")
+            self.audit.refused(pid=pid, uid=uid, gid=gid, op="connect",
+                               code="too_many_connections", reason=message)
+            with contextlib.suppress(OSError):
+                conn.setblocking(False)
+                send_data(conn, encode({"ok": False, "error": {
+                    "code": "too_many_connections", "message": message}}))
+            conn.close()
+            return
+        self.adopt_peer(conn)
+
+    def _pause_accepting(self, error: OSError) -> None:
+        """Out of fds (or memory): stop watching the listener for a while instead of
+        waking up at once to fail again; one log line per episode."""
+        assert self.sock is not None
+        if not self._accept_failures:
+            self._accept_paused_at = time.monotonic()
+            self._log.warning("control socket cannot accept; pausing the listener",
+                              error=error.strerror, errno=error.errno)
+        self._accept_failures += 1
+        self._accept_backoff = min(max(self._accept_backoff * 2, ACCEPT_BACKOFF_INITIAL),
+                                   ACCEPT_BACKOFF_MAX)
+        with contextlib.suppress(ValueError, OSError):
+            self.loop.remove_reader(self.sock.fileno())
+        self._accept_retry = self.loop.call_later(self._accept_backoff, self._resume_accepting)
+
+    def _resume_accepting(self) -> None:
+        self._accept_retry = None
+        if self.sock is not None:
+            self.loop.add_reader(self.sock.fileno(), self._accept)
+
+    # --- requests --------------------------------------------------------------------------
 
     def _readable(self, peer: Peer) -> None:
+        """Handle one message from ``peer``: exactly one reply, or the connection closes."""
         try:
             received = recv_msg(peer.sock, self.config.max_message_bytes)
         except (BlockingIOError, InterruptedError):
             return
         except ProtocolError as e:
+            self._refused(peer, None, e)
             self._reply(peer, None, error=e)
             return
         except OSError:
@@ -182,19 +371,49 @@ class ControlServer:
         for fd in fds:  # no request of ours takes fds; never keep what a peer pushes at us
             os.close(fd)
         request_id = message.get("id")
+        if not _valid_id(request_id):
+            error = ProtocolError("bad_request", "'id' must be a string of at most "
+                                  f"{MAX_ID_CHARS} characters, a 64-bit integer, a finite "
+                                  "number, a boolean or null")
+            self._refused(peer, message.get("op"), error)
+            self._reply(peer, None, error=error)
+            return
+        attached = set(peer.attached)
         try:
-            reply, out_fds = self._dispatch(peer, message)
+            try:
+                reply, out_fds = self._dispatch(peer, message)
+            except Refused as e:
+                raise ProtocolError(REFUSALS.get(type(e), "failed"), str(e)) from e
         except ProtocolError as e:
+            self._undo_attach(peer, attached)
+            self._refused(peer, message.get("op"), e)
             self._reply(peer, request_id, error=e)
             return
-        except EoidError as e:
-            self._reply(peer, request_id, error=ProtocolError("failed", str(e)))
+        except Exception as e:  # an EoidError, or a bug: the peer gets an answer anyway
+            self._undo_attach(peer, attached)
+            if not isinstance(e, EoidError):
+                self._log.exception("control request failed", op=_short(
+                    repr(message.get("op")), 64), uid=peer.uid, pid=peer.pid)
+            error = ProtocolError("failed", str(e) if isinstance(e, EoidError)
+                                  else "internal error (logged by the daemon)")
+            self._refused(peer, message.get("op"), error)
+            self._reply(peer, request_id, error=error)
             return
         try:
-            self._reply(peer, request_id, reply, out_fds)
+            if not self._reply(peer, request_id, reply, out_fds):
+                self._undo_attach(peer, attached)  # the consumer never got its eventfds
         finally:
             for fd in out_fds:
                 os.close(fd)
+
+    def _undo_attach(self, peer: Peer, before: set[str]) -> None:
+        """Detach whatever this request attached: a consumer without its reply (or whose
+        attach failed half-way) must not hold the device."""
+        for device in peer.attached - before:
+            try:
+                self.handler.detach(peer, device)
+            except Exception:  # the peer is being dropped anyway
+                self._log.exception("cannot undo an attach", device=device)
 
     def _dispatch(self, peer: Peer, message: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
         op = message.get("op")
@@ -207,6 +426,8 @@ class ControlServer:
         if op in ("attach", "detach"):
             if not isinstance(device, str):
                 raise ProtocolError("bad_request", f"{op} needs a 'device' string")
+            if len(device) > MAX_DEVICE_CHARS:
+                raise ProtocolError("unknown_device", "no device with so long a name")
             if op == "attach":
                 return self.handler.attach(peer, device)
             self.handler.detach(peer, device)
@@ -219,7 +440,7 @@ class ControlServer:
                 raise ProtocolError("forbidden", "only root or the daemon's user may reload")
             self.handler.reload()
             return {}, []
-        raise ProtocolError("unknown_op", f"unknown op {op!r} "
+        raise ProtocolError("unknown_op", f"unknown op {_short(repr(op), 64)} "
                             "(expected hello, attach, detach, status, reload)")
 
     @staticmethod
@@ -228,42 +449,134 @@ class ControlServer:
                                                                                 peer.gids):
             raise ProtocolError("forbidden", f"uid {peer.uid} may not do this")
 
+    def _refused(self, peer: Peer, op: object, error: ProtocolError) -> None:
+        self.audit.refused(pid=peer.pid, uid=peer.uid, gid=peer.gid, op=op, code=error.code,
+                           reason=str(error))
+
     def _reply(self, peer: Peer, request_id: Any, body: dict[str, Any] | None = None,
-               fds: list[int] | None = None, error: ProtocolError | None = None) -> None:
+               fds: list[int] | None = None, error: ProtocolError | None = None) -> bool:
+        """Send one reply; False (and the peer dropped) if it could not be sent."""
         message: dict[str, Any]
         if error is not None:
-            message = {"ok": False, "error": {"code": error.code, "message": str(error)}}
+            message = {"ok": False, "error": {"code": error.code,
+                                              "message": _short(str(error))}}
         else:
             message = {"ok": True, **(body or {})}
         if request_id is not None:
             message["id"] = request_id
         try:
-            send_msg(peer.sock, message, fds or ())
-        except OSError:
+            data = encode(message)
+        except (ValueError, TypeError, RecursionError) as e:  # a bug of ours: say so
+            self._log.error("control reply cannot be encoded", error=str(e))
+            if error is None and not fds:
+                data = encode({"ok": False, "error": {"code": "failed",
+                                                      "message": "reply cannot be encoded"}})
+            else:
+                self._drop(peer)
+                return False
+            try:
+                send_data(peer.sock, data)
+            except OSError:
+                self._drop(peer)
+            return False
+        try:
+            send_data(peer.sock, data, fds or ())
+        except OSError:  # full (a peer that does not read), gone, or too big: documented close
             self._drop(peer)
+            return False
+        return True
 
-    def _drop(self, peer: Peer) -> None:
+    def _forget(self, peer: Peer) -> bool:
         if peer not in self.peers:
-            return
+            return False
         self.peers.discard(peer)
+        count = self._per_uid.get(peer.uid, 1) - 1
+        if count > 0:
+            self._per_uid[peer.uid] = count
+        else:
+            self._per_uid.pop(peer.uid, None)
         with contextlib.suppress(ValueError, OSError):
             self.loop.remove_reader(peer.sock.fileno())
-        self.handler.peer_closed(peer)
-        peer.sock.close()
+        return True
+
+    def _drop(self, peer: Peer) -> None:
+        if not self._forget(peer):
+            return
+        try:
+            self.handler.peer_closed(peer)
+        finally:
+            peer.sock.close()
+
+
+def open_private_dir(path: Path) -> int:
+    """Open directory ``path`` (creating what is missing, mode 0755) walking from ``/``
+    with ``O_NOFOLLOW``, and check each step: owned by root or by us, and not writable by
+    group or others, except a sticky ancestor (``/tmp``), whose entries only their owner
+    may rename. The last one must not be writable by anyone else at all, so whatever is
+    created in it stays ours. Returns an ``O_PATH`` fd of the directory."""
+    trusted = {0, os.geteuid()}
+    flags = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open("/", flags)
+    parts = path.parts[1:]
+    try:
+        for i, part in enumerate(("/", *parts)):
+            here = Path("/", *parts[:i])
+            if i:
+                try:
+                    new = os.open(part, flags, dir_fd=fd)
+                except FileNotFoundError:
+                    os.mkdir(part, 0o755, dir_fd=fd)
+                    made = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+                                   | os.O_CLOEXEC, dir_fd=fd)
+                    try:
+                        os.fchmod(made, 0o755)  # whatever the umask (UMask=0077 under systemd)
+                    finally:
+                        os.close(made)
+                    new = os.open(part, flags, dir_fd=fd)
+                except OSError as e:
+                    if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                        raise EoidError(f"{here} is a symlink or not a directory; the control "
+                                        "socket's directory may have none on its path") from e
+                    raise EoidError(f"cannot open {here}: {e.strerror}") from e
+                os.close(fd)
+                fd = new
+            st = os.fstat(fd)
+            last = i == len(parts)
+            writable = st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+            if st.st_uid not in trusted:
+                raise EoidError(f"{here} belongs to uid {st.st_uid}, not to root or to us: "
+                                "its owner could replace the control socket")
+            if writable and (last or not st.st_mode & stat.S_ISVTX):
+                raise EoidError(f"{here} is writable by group or others (mode "
+                                f"{stat.S_IMODE(st.st_mode):04o}): they could replace the "
+                                "control socket")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 class ControlClient:
     """A blocking client: ``eoid status``, tests and the simulated guests use it."""
 
-    def __init__(self, path: Path | str, timeout: float = 5.0) -> None:
+    def __init__(self, path: Path | str, timeout: float = 5.0,
+                 trust_uids: tuple[int, ...] = ()) -> None:
+        """Connect, and trust the server only if the kernel says it runs as root, as our
+        own user or as one of ``trust_uids``: whoever could put a socket at ``path`` must
+        not be able to answer for eoid."""
         self.path = Path(path)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         self.sock.settimeout(timeout)
         try:
             self.sock.connect(str(self.path))
+            _, uid, _ = peer_credentials(self.sock)
         except OSError as e:
             self.sock.close()
             raise EoidError(f"cannot connect to {self.path}: {e.strerror}") from e
+        if uid not in (0, os.geteuid(), *trust_uids):
+            self.sock.close()
+            raise EoidError(f"{self.path} is served by uid {uid}, not by root or uid "
+                            f"{os.geteuid()}: not trusting it")
         self.events: deque[dict[str, Any]] = deque()
         self._next_id = 0
 

@@ -18,6 +18,7 @@ import os
 import resource
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -27,9 +28,10 @@ import structlog
 from eoid import __version__
 from eoid._fastpath import Lane
 from eoid.config import Config, DaemonConfig, DeviceConfig, load_config
+from eoid.consumer import Consumer
 from eoid.control import ControlServer, Peer
 from eoid.device import IntxDevice
-from eoid.errors import ConfigError, EoidError, ProtocolError
+from eoid.errors import ConfigError, EoidError, UnknownDevice
 from eoid.fdstore import EVENTFD_ROLES, Adopted, FdStore, device_fd_name
 from eoid.metrics import DaemonMetrics, DeviceView, Exporter, build_registry
 from eoid.runner import DeviceRunner
@@ -83,7 +85,7 @@ class Daemon:
         self.started = time.monotonic()
         self._reopen: dict[str, asyncio.TimerHandle] = {}  # down devices' next open attempt
         self._backoff: dict[str, float] = {}
-        self._peer_names: dict[Peer, str] = {}  # consumers whose connection is in the store
+        self._peer_names: dict[Consumer, str] = {}  # consumers whose connection is stored
         self._next_peer = 1
         self._stop: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -156,9 +158,10 @@ class Daemon:
             self.store.remove(name)
         self._save_state()
         self.metrics.last_reload_success = time.time()
-        for sig, handler in ((signal.SIGTERM, self.stop), (signal.SIGINT, self.stop),
-                             (signal.SIGHUP, self.reload)):
-            self._loop.add_signal_handler(sig, handler)
+        if threading.current_thread() is threading.main_thread():  # not in-process tests
+            for sig, handler in ((signal.SIGTERM, self.stop), (signal.SIGINT, self.stop),
+                                 (signal.SIGHUP, self.reload)):
+                self._loop.add_signal_handler(sig, handler)
         self.notify(self.notifier.ready, self._status())
         interval = watchdog_interval()
         if interval is not None:
@@ -408,7 +411,7 @@ class Daemon:
     def _runner(self, name: str) -> DeviceRunner:
         runner = self.runners.get(name)
         if runner is None:
-            raise ProtocolError("unknown_device", f"no device named {name!r}")
+            raise UnknownDevice(f"no device named {name!r}")
         return runner
 
     # --- metrics -------------------------------------------------------------------------

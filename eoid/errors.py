@@ -38,3 +38,24 @@ class ProtocolError(EoidError):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
+
+
+class Refused(EoidError):
+    """The daemon refuses a consumer's request; the control socket turns each kind into
+    the protocol's error code (``eoid.control``), the runner only says what happened."""
+
+
+class UnknownDevice(Refused):
+    """No device by that name."""
+
+
+class NotAllowed(Refused):
+    """The device's ``consumers`` do not allow this peer."""
+
+
+class DeviceBusy(Refused):
+    """The device already has a consumer."""
+
+
+class NotAttached(Refused):
+    """A detach from a consumer that does not hold the device."""

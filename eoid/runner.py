@@ -31,9 +31,9 @@ from eoid import _fastpath
 from eoid._fastpath import NO_TIME, FastPath, Lane
 from eoid.channel import EOI_TIMEOUT, FORWARD, STORM_BEGIN, STORM_END, TIMER, UNMASK, Channel, State
 from eoid.config import DeviceConfig, format_duration
-from eoid.control import Peer
+from eoid.consumer import Consumer
 from eoid.device import DeviceEvent, IntxDevice, drain_eventfd
-from eoid.errors import DeviceError, ProtocolError
+from eoid.errors import DeviceBusy, DeviceError, NotAllowed, NotAttached
 from eoid.stats import BUCKETS_NS, DeviceStats
 
 EFD_FLAGS = os.EFD_NONBLOCK | os.EFD_CLOEXEC
@@ -85,7 +85,7 @@ class DeviceRunner:
         self.trigger_fd, self.irq_fd, self.eoi_fd = fds["trigger"], fds["irq"], fds["eoi"]
         self.channel = Channel(config.policy, stats)
         self.device: IntxDevice | None = None
-        self.consumer: Peer | None = None
+        self.consumer: Consumer | None = None
         self.down_reason: str | None = "not opened yet"
         self.faulted = False
         self._device_unmask: Callable[[], None] = _refuse(self.name, "the device is down")
@@ -198,7 +198,7 @@ class DeviceRunner:
             device.close()
             self.channel.disable()
         if self.consumer is not None and release:
-            self.consumer.notify({"event": "device_down", "device": self.name, "reason": reason})
+            self.consumer.device_event("device_down", self.name, reason)
 
     def close(self) -> None:
         """Forget the device for good (removed from the config or daemon shutdown)."""
@@ -220,8 +220,7 @@ class DeviceRunner:
         peer = self.consumer
         if peer is not None and not config.consumers.allows(peer.uid, peer.gids):
             self._detach(peer)
-            peer.notify({"event": "detached", "device": self.name,
-                         "reason": "no longer allowed by the configuration"})
+            peer.device_event("detached", self.name, "no longer allowed by the configuration")
 
     # --- the fast path's hand-over -------------------------------------------------------
 
@@ -384,13 +383,12 @@ class DeviceRunner:
     # --- consumers -----------------------------------------------------------------------
 
     @_owning
-    def attach(self, peer: Peer) -> list[int]:
+    def attach(self, peer: Consumer) -> list[int]:
         """Give ``peer`` the device's irq and eoi eventfds (dups; the caller closes them)."""
         if not self.config.consumers.allows(peer.uid, peer.gids):
-            raise ProtocolError("forbidden", f"uid {peer.uid} may not attach to {self.name}")
+            raise NotAllowed(f"uid {peer.uid} may not attach to {self.name}")
         if self.consumer is not None:
-            raise ProtocolError("busy", f"{self.name} already has a consumer "
-                                f"(pid {self.consumer.pid})")
+            raise DeviceBusy(f"{self.name} already has a consumer")
         if self.device is not None:
             self._settle()  # what happened before this consumer existed
         drain_eventfd(self.irq_fd)  # edges nobody read are not this consumer's to see
@@ -405,12 +403,12 @@ class DeviceRunner:
         return [os.dup(self.irq_fd), os.dup(self.eoi_fd)]
 
     @_owning
-    def detach(self, peer: Peer) -> None:
+    def detach(self, peer: Consumer) -> None:
         self._detach(peer)
 
-    def _detach(self, peer: Peer) -> None:
+    def _detach(self, peer: Consumer) -> None:
         if self.consumer is not peer:
-            raise ProtocolError("not_attached", f"not attached to {self.name}")
+            raise NotAttached(f"not attached to {self.name}")
         if self.device is not None:
             # the line first (the channel may unmask); an EOI written just before
             # leaving still ends the interrupt
@@ -437,7 +435,7 @@ class DeviceRunner:
             self._device_unmask = _refuse(self.name, "the device reported an error")
             self._log.error("device reported an error; unmasking stopped until it is reopened")
             if self.consumer is not None:
-                self.consumer.notify({"event": "device_error", "device": self.name})
+                self.consumer.device_event("device_error", self.name)
             return
         reason = ("the host asked for the device back (unbind or hot-unplug)"
                   if event is DeviceEvent.REQUEST else "the device went away")

@@ -7,11 +7,18 @@ and can start a process with the stored fds handed back from fd 3 upward
 (``LISTEN_FDS``), as systemd does on a restart. Unit tests use it in-process;
 integration tests use it to run and restart ``eoid run`` as a subprocess
 without needing systemd as PID 1.
+
+``run_server`` is the daemon in-process (like uvicorn's): a ``Daemon`` on an event loop
+of its own thread, with its simulated devices served by a ``SimServer`` on another, so
+attach, reload and control-socket rules get tests that take milliseconds, not a
+subprocess start-up.
 """
 
 from __future__ import annotations
 
 import array
+import asyncio
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -21,15 +28,24 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from eoid.config import Config
+    from eoid.daemon import Daemon
+    from eoid.sim.server import SimServer
 
 from eoid.systemd import LISTEN_FDS_START, MAX_FDS_PER_MESSAGE, MAX_MESSAGE_BYTES, valid_fdname
 
-__all__ = ["FakeSystemd", "NotifyMessage", "fd_is_open", "same_file", "same_file_by_fstat"]
+__all__ = ["FakeSystemd", "NotifyMessage", "RunningDaemon", "fd_is_open", "run_server",
+           "same_file", "same_file_by_fstat"]
+
+T = TypeVar("T")
 
 _UCRED_SIZE = 12  # struct ucred: pid, uid, gid (three 32-bit ints)
 _SYS_KCMP = 312  # x86_64; elsewhere kcmp fails and same_file falls back to fstat
@@ -392,3 +408,130 @@ def fd_is_open(fd: int) -> bool:
             return False
         raise
     return True
+
+
+# --- the daemon in-process ---------------------------------------------------------------
+
+
+class _LoopThread:
+    """An event loop running on a thread of its own until ``close``."""
+
+    def __init__(self, name: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self._thread.start()
+
+    def call(self, fn: Callable[[], T], timeout: float = 10.0) -> T:
+        """Run ``fn`` on the loop's thread and return its result (or raise its error)."""
+        async def run() -> T:
+            return fn()
+        return asyncio.run_coroutine_threadsafe(run(), self.loop).result(timeout)
+
+    def run(self, coro: Any, timeout: float = 30.0) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        self.loop.close()
+
+
+@dataclass
+class RunningDaemon:
+    """What ``run_server`` yields: the daemon, its loop's thread, and the sim."""
+
+    daemon: Daemon
+    _thread: _LoopThread
+    sim: SimServer | None
+
+    @property
+    def control(self) -> Path:
+        return self.daemon.config.daemon.control.socket
+
+    def call(self, fn: Callable[[], T], timeout: float = 10.0) -> T:
+        """Run ``fn`` on the daemon's loop (the only thread that may touch the daemon)."""
+        return self._thread.call(fn, timeout)
+
+
+@contextlib.contextmanager
+def run_server(config: Config, *, sim: bool = True) -> Iterator[RunningDaemon]:
+    """Run ``config``'s daemon in this process until the block ends (uvicorn's
+    ``run_server`` for eoid). With ``sim``, its simulated devices are served (no load,
+    no guests) from a ``SimServer`` on another thread, as ``eoid sim`` would."""
+    from eoid.daemon import Daemon
+    from eoid.sim.server import LineSpec, SimServer
+
+    sim_thread: _LoopThread | None = None
+    server: SimServer | None = None
+    if sim:
+        specs = [LineSpec(d.backend.line or d.name, d.name) for d in config.devices.values()
+                 if d.backend.type == "sim"]
+        sim_thread = _LoopThread("eoid-test-sim")
+        server = SimServer(config.daemon.sim.socket, specs, None, sim_thread.loop)
+        sim_thread.call(server.start)
+    thread = _LoopThread("eoid-test-daemon")
+    daemon = Daemon(config)
+    try:
+        thread.run(daemon.startup())
+    except BaseException:
+        thread.close()
+        if sim_thread is not None and server is not None:
+            sim_thread.call(server.close)
+            sim_thread.close()
+        raise
+    try:
+        yield RunningDaemon(daemon, thread, server)
+    finally:
+        thread.call(daemon.shutdown)
+        thread.close()
+        if sim_thread is not None and server is not None:
+            sim_thread.call(server.close)
+            sim_thread.close()
+
+
+def connect_as(path: Path | str, uid: int, gid: int, groups: Sequence[int] = (),
+               count: int = 1) -> list[socket.socket]:
+    """``count`` connections to the unix socket ``path`` made by a forked child running as
+    ``uid``/``gid`` with supplementary ``groups`` (needs root), handed back to us: the
+    kernel keeps the child's credentials on them (``SO_PEERCRED``, ``SO_PEERGROUPS``), so
+    whoever sends on them is that user as far as the server can tell. The child has
+    exited when this returns. Connections the server refused come back closed by it."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            ours.close()
+            os.setgroups(list(groups))
+            os.setgid(gid)
+            os.setuid(uid)
+            for _ in range(count):
+                conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                try:
+                    conn.connect(str(path))
+                    socket.send_fds(theirs, [b"c"], [conn.fileno()])
+                except OSError as e:
+                    theirs.send(f"e{e.errno}".encode())
+                finally:
+                    conn.close()
+            code = 0
+        finally:
+            os._exit(code)
+    theirs.close()
+    conns: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            data, fds, _, _ = socket.recv_fds(ours, 64, 1)
+            if not data:
+                raise OSError(errno.EPIPE, f"the child connecting as uid {uid} failed")
+            if data.startswith(b"e"):
+                raise OSError(int(data[1:]), f"connect as uid {uid}: {os.strerror(int(data[1:]))}")
+            conns.append(socket.socket(fileno=fds[0]))
+    except BaseException:
+        for conn in conns:
+            conn.close()
+        raise
+    finally:
+        ours.close()
+        os.waitpid(pid, 0)
+    return conns
