@@ -24,7 +24,7 @@ from typing import Any
 
 import structlog
 
-from eoid import __version__
+from eoid import __version__, log
 from eoid._fastpath import Lane
 from eoid.config import Config, DaemonConfig, DeviceConfig, load_config
 from eoid.control import ControlServer, Peer
@@ -333,6 +333,7 @@ class Daemon:
         self.config = Config(new.path, old.daemon.model_copy(update={
             "log": new.daemon.log, "sim": new.daemon.sim, "devices_dir": new.daemon.devices_dir}),
             new.devices)
+        log.reconfigure(new.daemon.log)
         removed = sorted(old.devices.keys() - new.devices.keys())
         added = sorted(new.devices.keys() - old.devices.keys())
         changed = sorted(n for n in old.devices.keys() & new.devices.keys()
