@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from typing import Any
 
 import pytest
@@ -88,3 +89,52 @@ def test_log_level_applies_on_reload_and_the_change_is_logged() -> None:
         assert len(attached) == 1  # the second attach came after the level went to warning
         assert not [e for e in events if e["level"] in ("debug", "info")
                     and events.index(e) > events.index(changed[0])]
+
+
+STORMY = ("policy: {storm: {max_rate: 200, burst: 10, backoff_initial: 1ms, "
+          "backoff_max: 50ms, recovery: 200ms}}\n")
+
+
+def storm_episode(env: Env, vm: Consumer) -> None:
+    """A stuck line with a guest that EOIs at once, then quiet past recovery and a normal
+    interrupt, which ends the episode."""
+    env.sim("set", line="dev0", stuck=True)
+    env.sim("raise", line="dev0")
+    deadline = time.monotonic() + 5
+    while not env.device("dev0")["storm"]:  # a guest that EOIs at once
+        assert time.monotonic() < deadline, "no storm"
+        if vm.wait_irq(0.5):
+            vm.send_eoi()
+    env.sim("set", line="dev0", stuck=False)
+    env.sim("ack", line="dev0")
+    while vm.wait_irq(0.3):
+        vm.send_eoi()
+    wait_until(lambda: env.device("dev0")["state"] == "armed", 5)
+    env.sim("raise", line="dev0")
+    assert vm.wait_irq() == 1
+    env.sim("ack", line="dev0")
+    vm.send_eoi()
+    wait_until(lambda: not env.device("dev0")["storm"], 5, "storm over")
+
+
+def test_storm_episodes_that_keep_coming_are_summarised() -> None:
+    with environment(devices=1, device_yaml=STORMY) as env:
+        env.config.write_text(env.config.read_text().replace(
+            "level: debug}", "level: debug, repeat_summary: 3s}"))
+        env.start_sim()
+        env.start_daemon()
+        with Consumer(env.control, "dev0") as vm:
+            storm_episode(env, vm)
+            storm_episode(env, vm)
+            storm_episode(env, vm)
+
+            def storms() -> list[dict[str, Any]]:
+                return [e for e in env.log_events("daemon")
+                        if e["message"].startswith("interrupt storm")]
+
+            assert [e["message"] for e in storms()] == [
+                "interrupt storm: deferring unmasks", "interrupt storm over"]
+            wait_until(lambda: len(storms()) == 3, 10, "the period's summary")
+        summary = storms()[2]
+        assert (summary["message"], summary["repeats"], summary["level"]) == (
+            "interrupt storm: deferring unmasks", 2, "warning")
