@@ -162,7 +162,7 @@ class DeviceRunner:
         now = monotonic_ns()
         if adopted:
             # While no eoid ran, the line may have fired and the consumer may have sent
-            # an EOI: the channel decides from both counts what is owed (E15).
+            # an EOI: the channel decides from both counts what is owed (docs/intx-eoi.md §9).
             triggers, eois = drain_eventfd(self.trigger_fd), drain_eventfd(self.eoi_fd)
             self._act(self.channel.adopt(triggers, eois, now), now)
         else:
