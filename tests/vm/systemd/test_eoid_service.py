@@ -181,7 +181,7 @@ def test_sighup_with_a_bad_configuration_keeps_the_old_one(running: Guest) -> No
 
 STORMY_SIM1 = (
     'pci_address: "0000:00:11.0"\nbackend: {type: sim}\n'
-    "policy: {eoi_timeout: 500ms, on_eoi_timeout: redeliver, storm: {max_rate: 20, burst: 2, "
+    "policy: {eoi_timeout: 500ms, on_eoi_timeout: redeliver, storm: {max_rate: 5, burst: 1, "
     "backoff_initial: 1ms, backoff_max: 100ms, recovery: 1s}}\n"
 )
 
