@@ -220,6 +220,7 @@ class Daemon:
         if self.exporter is not None:
             self.exporter.close()
             self.exporter = None
+        log.REPEATS.flush()  # counted warnings not yet summarised
         self._log.info("eoid stopped")
 
     # --- devices -----------------------------------------------------------------------

@@ -172,6 +172,7 @@ def reconfigure(settings: LogConfig) -> None:
 @dataclass
 class _Repeat:
     window_end: float
+    summary: Callable[[int, dict[str, Any]], None]  # logs "repeats=N" with the last fields
     count: int = 0
     fields: dict[str, Any] | None = None
 
@@ -200,15 +201,20 @@ class Repeats:
         if state is None:
             getattr(logger, method)(event, **fields)
             if self.every > 0:
-                self._open[key] = _Repeat(self._clock() + self.every)
-                if not self._schedule(key, logger, method, event):
+
+                def summary(count: int, last: dict[str, Any]) -> None:
+                    getattr(logger, method)(event, repeats=count, period=f"{self.every:g}s",
+                                            **last)
+
+                self._open[key] = _Repeat(self._clock() + self.every, summary)
+                if not self._schedule(key):
                     del self._open[key]  # no event loop to summarise on: log each one
             return True
         state.count += 1
         state.fields = fields
         return False
 
-    def _schedule(self, key: Hashable, logger: Any, method: str, event: str) -> bool:
+    def _schedule(self, key: Hashable) -> bool:
         delay = max(0.0, self._open[key].window_end - self._clock())
         call_later = self._call_later
         if call_later is None:
@@ -216,20 +222,26 @@ class Repeats:
                 call_later = asyncio.get_running_loop().call_later
             except RuntimeError:
                 return False
-        call_later(delay, lambda: self._end_period(key, logger, method, event))
+        call_later(delay, lambda: self._end_period(key))
         return True
 
-    def _end_period(self, key: Hashable, logger: Any, method: str, event: str) -> None:
+    def _end_period(self, key: Hashable) -> None:
         state = self._open.get(key)
         if state is None:
             return
         if not state.count:
             del self._open[key]  # quiet for a whole period: the condition is over
             return
-        getattr(logger, method)(event, repeats=state.count, period=f"{self.every:g}s",
-                                **(state.fields or {}))
-        self._open[key] = _Repeat(self._clock() + self.every)
-        self._schedule(key, logger, method, event)
+        state.summary(state.count, state.fields or {})
+        self._open[key] = _Repeat(self._clock() + self.every, state.summary)
+        self._schedule(key)
+
+    def flush(self) -> None:
+        """Log what is counted but not yet summarised (at shutdown), and start afresh."""
+        states, self._open = self._open, {}
+        for state in states.values():
+            if state.count:
+                state.summary(state.count, state.fields or {})
 
     def logging(self, key: Hashable) -> bool:
         """True unless ``key``'s occurrences are being summarised (its last one was not logged)."""

@@ -204,3 +204,20 @@ def test_repeats_summarise_on_the_running_event_loop() -> None:
 
     asyncio.run(main())
     assert [kw.get("repeats") for _, _, kw in rec.calls] == [None, 4]
+
+
+def test_what_is_counted_is_summarised_at_shutdown() -> None:
+    timers: list[Callable[[], None]] = []
+    rec = Recorder()
+    repeats = log.Repeats(60.0, lambda: 0.0, lambda delay, fn: timers.append(fn))
+    for n in range(4):
+        repeats.log(rec, "k", "warning", "EOI timeout", n=n)
+    repeats.log(rec, "quiet", "warning", "storm")
+    repeats.flush()
+    assert [(e, kw) for _, e, kw in rec.calls] == [
+        ("EOI timeout", {"n": 0}), ("storm", {}),
+        ("EOI timeout", {"repeats": 3, "period": "60s", "n": 3})]
+    for fn in timers:  # the periods' ends come later: nothing more to say
+        fn()
+    assert len(rec.calls) == 3
+    assert repeats.log(rec, "k", "warning", "EOI timeout")  # a fresh start
