@@ -75,7 +75,7 @@ class Channel:
         return TIMER
 
     def adopt(self, triggers: int, eois: int, now: int) -> int:
-        """Take over a line that a previous eoid process left enabled (E15).
+        """Take over a line that a previous eoid process left enabled (docs/intx-eoi.md §9).
 
         ``triggers`` and ``eois`` are what the eventfds accumulated meanwhile. A trigger
         means the line was armed and fired: deliver it (an EOI beside it cannot be for

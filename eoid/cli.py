@@ -142,8 +142,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from eoid.daemon import run_daemon
 
     config = load_config(args.config)
-    log.configure(args.log_format or config.daemon.log.format,
-                  args.log_level or config.daemon.log.level)
+    settings = config.daemon.log
+    log.configure(args.log_format or settings.format, args.log_level or settings.level,
+                  repeat_summary=settings.repeat_summary / 1e9,
+                  pinned=[k for k in ("format", "level") if getattr(args, f"log_{k}")])
     faulthandler.enable()  # a watchdog kill (SIGABRT) leaves the wedged stack in the journal
     run_daemon(config)
     return EX_OK

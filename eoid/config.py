@@ -233,6 +233,9 @@ class MetricsConfig(_Strict):
 class LogConfig(_Strict):
     format: LogFormat = LogFormat.AUTO
     level: Literal["debug", "info", "warning", "error"] = "info"
+    repeat_summary: Duration = 60 * 10**9
+    """Repeated warnings about one ongoing condition: the first is logged, the rest once
+    per this period as a summary (``repeats=N``)."""
 
 
 class SimConfig(_Strict):

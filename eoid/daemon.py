@@ -25,7 +25,7 @@ from typing import Any
 
 import structlog
 
-from eoid import __version__
+from eoid import __version__, log
 from eoid._fastpath import Lane
 from eoid.config import Config, DaemonConfig, DeviceConfig, load_config
 from eoid.consumer import Consumer
@@ -223,6 +223,7 @@ class Daemon:
         if self.exporter is not None:
             self.exporter.close()
             self.exporter = None
+        log.REPEATS.flush()  # counted warnings not yet summarised
         self._log.info("eoid stopped")
 
     # --- devices -----------------------------------------------------------------------
@@ -336,6 +337,7 @@ class Daemon:
         self.config = Config(new.path, old.daemon.model_copy(update={
             "log": new.daemon.log, "sim": new.daemon.sim, "devices_dir": new.daemon.devices_dir}),
             new.devices)
+        log.reconfigure(new.daemon.log)
         removed = sorted(old.devices.keys() - new.devices.keys())
         added = sorted(new.devices.keys() - old.devices.keys())
         changed = sorted(n for n in old.devices.keys() & new.devices.keys()

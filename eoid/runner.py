@@ -27,7 +27,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import structlog
 
-from eoid import _fastpath
+from eoid import _fastpath, log
 from eoid._fastpath import NO_TIME, FastPath, Lane
 from eoid.channel import EOI_TIMEOUT, FORWARD, STORM_BEGIN, STORM_END, TIMER, UNMASK, Channel, State
 from eoid.config import DeviceConfig, format_duration
@@ -162,7 +162,7 @@ class DeviceRunner:
         now = monotonic_ns()
         if adopted:
             # While no eoid ran, the line may have fired and the consumer may have sent
-            # an EOI: the channel decides from both counts what is owed (E15).
+            # an EOI: the channel decides from both counts what is owed (docs/intx-eoi.md §9).
             triggers, eois = drain_eventfd(self.trigger_fd), drain_eventfd(self.eoi_fd)
             self._act(self.channel.adopt(triggers, eois, now), now)
         else:
@@ -366,18 +366,21 @@ class DeviceRunner:
             self._forward(now)
         if actions & UNMASK:
             self._unmask(now)
-        if actions & EOI_TIMEOUT:
-            self._log.warning("EOI timeout", timeout=format_duration(
-                self.channel.policy.eoi_timeout), policy=str(self.channel.policy.on_eoi_timeout),
-                consumer=self.consumer.describe() if self.consumer else None)
+        if actions & EOI_TIMEOUT:  # every eoi_timeout while a guest hangs: rate-limited
+            log.REPEATS.log(self._log, (self.name, "eoi_timeout"), "warning", "EOI timeout",
+                            timeout=format_duration(self.channel.policy.eoi_timeout),
+                            policy=str(self.channel.policy.on_eoi_timeout),
+                            consumer=self.consumer.describe() if self.consumer else None)
         if actions & TIMER:
             self._schedule()
 
     def _log_storm(self, actions: int) -> None:
+        """A storm that flaps logs its first episode, then a summary per period."""
+        key = (self.name, "storm")
         if actions & STORM_BEGIN:
-            self._log.warning("interrupt storm: deferring unmasks",
-                              max_rate=self.channel.policy.storm.max_rate)
-        else:
+            log.REPEATS.log(self._log, key, "warning", "interrupt storm: deferring unmasks",
+                            max_rate=self.channel.policy.storm.max_rate)
+        elif log.REPEATS.logging(key):  # the episode's start was logged, not summarised
             self._log.info("interrupt storm over", throttles=self.channel.stats.storm_throttles)
 
     # --- consumers -----------------------------------------------------------------------

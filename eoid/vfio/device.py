@@ -214,7 +214,7 @@ class VfioDevice:
         return self._intx_masking
 
     def enable(self, trigger_fd: int) -> None:
-        """Register ``trigger_fd`` and arm the line (E6: mask → route → unmask).
+        """Register ``trigger_fd`` and arm the line (mask → route → unmask: docs/intx-eoi.md §3).
 
         The final unmask picks up an assertion that happened while the line was
         masked or unrouted: if the device is asserting, the trigger fires at once.
@@ -262,13 +262,14 @@ class VfioDevice:
         self._call("loopback", lambda: self._api.device_set_irqs(self._fd, uapi.LOOPBACK_INTX))
 
     def disable(self) -> None:
-        """Unregister the trigger and free the host IRQ (``count = 0``, not fd -1: E8)."""
+        """Unregister the trigger and free the host IRQ: ``count = 0``, not fd -1
+        (docs/intx-eoi.md §4)."""
         if self._intx_enabled is False:
             return
         try:
             self._api.device_set_irqs(self._fd, uapi.DISABLE_INTX)
         except OSError as exc:
-            if exc.errno != errno.EINVAL:  # EINVAL: already disabled under us (E14)
+            if exc.errno != errno.EINVAL:  # EINVAL: disabled under us (docs/intx-eoi.md §5)
                 raise VfioError(self.name, "disable INTx", self.pci_address, exc.errno) from exc
         self._intx_enabled = False
 
@@ -328,7 +329,8 @@ class VfioDevice:
         return self._call("dup device fd", lambda: self._api.dup(self._fd))
 
     def reset(self) -> None:
-        """``VFIO_DEVICE_RESET``, then an unmask: the line starts over armed (E11)."""
+        """``VFIO_DEVICE_RESET``, then an unmask: the line starts over armed
+        (docs/intx-eoi.md §10)."""
         if not self.supports_reset:
             raise VfioError(self.name, "reset",
                             f"{self.pci_address} has no reset (VFIO_DEVICE_FLAGS_RESET unset)")
@@ -360,7 +362,8 @@ class VfioDevice:
         self.write_region(RegionIndex.CONFIG, offset, value.to_bytes(size, "little"))
 
     def intx_disabled_by_guest(self) -> bool:
-        """The virtual DisINTx bit (E12): while set, vfio-pci neither signals nor unmasks."""
+        """The virtual DisINTx bit: while set, vfio-pci neither signals nor unmasks
+        (docs/intx-eoi.md §6)."""
         return bool(self.read_config(uapi.PCI_COMMAND, 2) & uapi.PCI_COMMAND_INTX_DISABLE)
 
     # --- re-adoption ------------------------------------------------------------------
@@ -369,7 +372,7 @@ class VfioDevice:
     def adopt(cls, name: str, pci_address: str, fds: Mapping[str, int], *,
               api: VfioApi | None = None, request_irqs: bool = True,
               sysfs_root: Path = Path("/sys")) -> VfioDevice:
-        """Rebuild a device from the fds of ``held_fds`` (systemd's fd store, E15).
+        """Rebuild a device from the fds of ``held_fds`` (systemd's fd store, docs/intx-eoi.md §9).
 
         The kernel kept the device open, so INTx may still be enabled with the old
         trigger (adopt that trigger too and leave it), or ``enable`` swaps it under

@@ -338,7 +338,7 @@ class FakeVfio:
             os.eventfd_write(fn.err_trigger, 1)
 
     def switch_to_msi(self, address: str) -> None:
-        """The VMM disables INTx and enables MSI under eoid (edge case E14)."""
+        """The VMM disables INTx and enables MSI under eoid (docs/intx-eoi.md §5)."""
         fn = self.functions[address]
         fn.intx_disable()
         fn.irq_type = "msi"

@@ -171,7 +171,7 @@ def test_policy_reload_applies_in_place() -> None:
 
 
 class KernelLine:
-    """vfio-pci's INTx as DESIGN/intx-eoi.md §1 describes it, plus the device's level."""
+    """vfio-pci's INTx as docs/intx-eoi.md §1-2 describe it, plus the device's level."""
 
     def __init__(self) -> None:
         self.level = 0  # device events pending: the line is asserted while > 0

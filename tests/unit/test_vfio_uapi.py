@@ -237,7 +237,7 @@ def test_set_irqs_eventfd_checks(twin: FakeVfio, device: int) -> None:
         virqfd = uapi.irq_set_eventfds(IrqIndex.INTX, IrqSetFlag.ACTION_UNMASK, [ufd])
         twin.device_set_irqs(device, virqfd)
         assert _errno(twin.device_set_irqs, device, uapi.irq_set_eventfds(
-            IrqIndex.INTX, IrqSetFlag.ACTION_UNMASK, [ufd2])) == errno.EBUSY  # E9
+            IrqIndex.INTX, IrqSetFlag.ACTION_UNMASK, [ufd2])) == errno.EBUSY  # docs/intx-eoi.md §12
         twin.device_set_irqs(device, uapi.irq_set_eventfds(
             IrqIndex.INTX, IrqSetFlag.ACTION_UNMASK, [-1]))
         twin.device_set_irqs(device, uapi.DISABLE_INTX)
@@ -249,7 +249,7 @@ def test_set_irqs_eventfd_checks(twin: FakeVfio, device: int) -> None:
 
 
 def test_trigger_minus_one_leaves_intx_enabled_but_silent(twin: FakeVfio, device: int) -> None:
-    """E8: the handler still auto-masks, nobody is told."""
+    """docs/intx-eoi.md §4: the handler still auto-masks, nobody is told."""
     efd = os.eventfd(0, os.EFD_NONBLOCK)
     try:
         twin.device_set_irqs(device, uapi.irq_set_eventfds(
@@ -303,7 +303,7 @@ def test_cdev_needs_bind_before_device_ioctls(tmp_path: Path) -> None:
 
 
 def test_shared_host_irq_needs_disintx(tmp_path: Path) -> None:
-    """E5: request_irq is shared only for DisINTx devices; otherwise EBUSY."""
+    """docs/intx-eoi.md §7: request_irq is shared only for DisINTx devices; otherwise EBUSY."""
     api = FakeVfio(tmp_path)
     api.add(FakeFunction(EDU, 3, irq=20))
     api.add(FakeFunction("0000:00:14.0", 5, irq=20))

@@ -135,7 +135,8 @@ def test_loopback_signals_the_trigger(edu: Edu, trigger: int) -> None:
 
 
 def test_intx_switched_off_under_us_is_einval_on_unmask(edu: Edu, trigger: int) -> None:
-    """E14: the VMM (here: another fd of the same device) disables INTx, enables MSI."""
+    """The VMM (here: another fd of the same device) disables INTx, enables MSI
+    (docs/intx-eoi.md §5)."""
     edu.device.enable(trigger)
     vmm = edu.device.fd_for_consumer()
     msi = os.eventfd(0, os.EFD_NONBLOCK)
@@ -229,7 +230,8 @@ def test_two_devices_are_independent(edu: Edu, edu_b: Edu) -> None:
 
 
 def test_two_devices_sharing_one_host_irq(shared_pair: tuple[Edu, Edu]) -> None:
-    """E5: DisINTx devices share a host line; vfio-pci asks each device if it is asserting."""
+    """DisINTx devices share a host line; vfio-pci asks each device if it is asserting
+    (docs/intx-eoi.md §7)."""
     a, c = shared_pair
     ta, tc = os.eventfd(0, os.EFD_NONBLOCK), os.eventfd(0, os.EFD_NONBLOCK)
     try:
@@ -265,7 +267,8 @@ def test_two_devices_sharing_one_host_irq(shared_pair: tuple[Edu, Edu]) -> None:
 
 
 def test_adopt_held_fds_like_a_restarted_daemon(edu: Edu, trigger: int) -> None:
-    """E15: the kernel state survives in the fds; a new owner picks up the pending line."""
+    """The kernel state survives in the fds; a new owner picks up the pending line
+    (docs/intx-eoi.md §9)."""
     old = edu.device
     old.enable(trigger)
     edu.raise_irq()

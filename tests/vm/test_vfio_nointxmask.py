@@ -1,5 +1,5 @@
 """The path for devices that cannot mask themselves: vfio-pci masks at the interrupt
-controller and needs the host IRQ exclusively (E5).
+controller and needs the host IRQ exclusively (docs/intx-eoi.md §7).
 
 The guest for these tests loads vfio-pci with ``nointxmask=1``, which makes vfio-pci
 treat every device as lacking PCI 2.3 DisINTx. edu devices at slots 0x10 and 0x14

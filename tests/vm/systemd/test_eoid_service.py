@@ -5,6 +5,7 @@ Run by tests/vm/run-systemd-tests inside a QEMU guest (see conftest.py).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import stat
@@ -176,6 +177,60 @@ def test_sighup_with_a_bad_configuration_keeps_the_old_one(running: Guest) -> No
     wait_until(
         lambda: bool(STATUS_UP.match(running.eoid.prop("StatusText"))), 30, "status back to normal"
     )
+
+
+STORMY_SIM1 = (
+    'pci_address: "0000:00:11.0"\nbackend: {type: sim}\n'
+    "policy: {eoi_timeout: 500ms, on_eoi_timeout: redeliver, storm: {max_rate: 5, burst: 1, "
+    "backoff_initial: 1ms, backoff_max: 100ms, recovery: 1s}}\n"
+)
+
+
+def test_journal_priorities_select_a_storm_warning_and_not_the_info_lines(
+    running: Guest,
+) -> None:
+    """Every line reaches journald with its syslog priority (<N>, sd-daemon(3)): an
+    operator's `journalctl -p warning -u eoid` shows a storm and none of the info lines."""
+    cursor = running.eoid.cursor()
+    ok = reloads(running, "success")
+    running.write_config(sim1=STORMY_SIM1)
+    running.eoid.systemctl("reload")
+    wait_until(lambda: reloads(running, "success") == ok + 1, 30, "the stormy policy applied")
+    running.wait_consumers()
+
+    def warnings() -> str:
+        return run(
+            "journalctl", "-u", "eoid", "-p", "warning", f"--after-cursor={cursor}",
+            "-o", "cat", "--no-pager",
+        ).stdout
+
+    try:
+        # the sim's guest EOIs at once and the line stays asserted: a storm
+        sim_call(SIM_SOCKET, "set", line="sim1", stuck=True)
+        sim_call(SIM_SOCKET, "raise", line="sim1")
+        wait_until(lambda: "interrupt storm" in warnings(), 60, "the storm's warning")
+    finally:
+        sim_call(SIM_SOCKET, "set", line="sim1", stuck=False)
+        sim_call(SIM_SOCKET, "ack", line="sim1")
+        running.write_config()
+        running.eoid.systemctl("reload")
+        wait_until(lambda: reloads(running, "success") == ok + 2, 30, "the policy restored")
+    shown = [json.loads(line) for line in warnings().splitlines() if line.startswith("{")]
+    assert shown, warnings()
+    assert {e["level"] for e in shown} <= {"warning", "error"}, shown
+    assert any(e["message"] == "interrupt storm: deferring unmasks"
+               and e["device"] == "sim1" for e in shown)
+    # the info lines are in the journal, at priority 6, as JSON without the prefix
+    records = [json.loads(line) for line in run(
+        "journalctl", "-u", "eoid", f"--after-cursor={cursor}", "-o", "json", "--no-pager",
+    ).stdout.splitlines()]
+    ours = {r["MESSAGE"]: r["PRIORITY"] for r in records
+            if str(r.get("MESSAGE", "")).startswith("{")}
+    reloaded = [m for m in ours if json.loads(m)["message"] == "configuration reloaded"]
+    storm = [m for m in ours if json.loads(m)["message"] == "interrupt storm: deferring unmasks"]
+    assert reloaded and all(ours[m] == "6" for m in reloaded)
+    assert storm and all(ours[m] == "4" for m in storm)
+    assert "configuration reloaded" not in warnings()
 
 
 def test_a_wedged_event_loop_is_killed_by_the_watchdog_and_restarted(running: Guest) -> None:
