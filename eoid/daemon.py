@@ -140,7 +140,8 @@ class Daemon:
         address = self.config.daemon.metrics.address()
         if address is not None:
             try:
-                self.exporter = Exporter(build_registry(self, self.metrics), address)
+                registry = build_registry(self, self.metrics, self.config.daemon.metrics)
+                self.exporter = Exporter(registry, address)
             except OSError as e:
                 self.control.close()
                 raise EoidError(f"cannot serve metrics on {self.config.daemon.metrics.listen}: "
