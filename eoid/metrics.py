@@ -138,7 +138,8 @@ class _Writer:
         return self.names is None or any(name + s in self.names for s in _SUFFIXES[kind])
 
     def family(self, name: str, kind: Kind, doc: str, lines: Iterable[str]) -> None:
-        """Write a family's header and its sample ``lines`` (if ``wants`` it)."""
+        """Write a family's header and its sample ``lines`` (each ending in a newline), if
+        ``wants`` it (else ``lines``, a generator, is never run)."""
         if not self.wants(name, kind):
             return
         if self.openmetrics:
@@ -151,12 +152,8 @@ class _Writer:
             names = self.names
             selected = (line for line in lines
                         if line[:line.find("{") if "{" in line else line.find(" ")] in names)
-        text = f"# HELP {head} {_escape(doc)}\n# TYPE {head} {mtype}\n" + \
-            "".join(line + "\n" for line in selected)
-        self.sink(text.encode())
-
-    def raw(self, data: bytes) -> None:
-        self.sink(data)
+        self.sink((f"# HELP {head} {_escape(doc)}\n# TYPE {head} {mtype}\n"
+                   + "".join(selected)).encode())
 
 
 def _labels(device: str) -> str:
@@ -179,10 +176,10 @@ class EoidCollector:
         labels = [_labels(v.name) for v in views]
         for attr, name, doc in COUNTERS:
             out.family(name, "counter", doc, (
-                f"{name}_total{{{lbl}}} {getattr(v.stats, attr)}"
+                f"{name}_total{{{lbl}}} {getattr(v.stats, attr)}\n"
                 for v, lbl in zip(views, labels, strict=True)))
         out.family("eoid_errors", "counter", "Failed device or consumer operations.", (
-            f'eoid_errors_total{{{lbl},op="{op}"}} {v.stats.errors[op]}'
+            f'eoid_errors_total{{{lbl},op="{op}"}} {v.stats.errors[op]}\n'
             for v, lbl in zip(views, labels, strict=True) for op in ERROR_OPS))
         for attr, name, doc in HISTOGRAMS:
             if not out.wants(name, "histogram"):
@@ -199,17 +196,17 @@ class EoidCollector:
                 out.family(name, "histogram", doc + " All devices.", self._histogram(
                     name, attr, "", counts, sum(h.sum_ns for h in hists)))
         out.family("eoid_device_up", "gauge", "1 if the device is open and armed.", (
-            f"eoid_device_up{{{lbl}}} {int(v.up)}" for v, lbl in zip(views, labels, strict=True)))
+            f"eoid_device_up{{{lbl}}} {int(v.up)}\n" for v, lbl in zip(views, labels, strict=True)))
         out.family("eoid_consumer_attached", "gauge", "1 if a consumer is attached.", (
-            f"eoid_consumer_attached{{{lbl}}} {int(v.attached)}"
+            f"eoid_consumer_attached{{{lbl}}} {int(v.attached)}\n"
             for v, lbl in zip(views, labels, strict=True)))
         out.family("eoid_device_state", "gauge",
                    "The device's current state, as its label (one series a device, value 1).", (
-                       f'eoid_device_state{{{lbl},state="{v.state}"}} 1'
+                       f'eoid_device_state{{{lbl},state="{v.state}"}} 1\n'
                        for v, lbl in zip(views, labels, strict=True)))
         out.family("eoid_device", "info", "Static facts about a device.", (
             "eoid_device_info{" + ",".join([lbl, *(f'{k}="{_escape(x)}"'
-                                                  for k, x in v.info.items())]) + "} 1"
+                                                  for k, x in v.info.items())]) + "} 1\n"
             for v, lbl in zip(views, labels, strict=True)))
         self._daemon(out)
 
@@ -218,28 +215,28 @@ class EoidCollector:
         cumulative = list(accumulate(counts))
         sep = label + "," if label else ""
         braces = "{" + label + "}" if label else ""
-        lines = [f'{name}_bucket{{{sep}le="{le}"}} {cumulative[cut - 1]}'
+        lines = [f'{name}_bucket{{{sep}le="{le}"}} {cumulative[cut - 1]}\n'
                  for le, cut in zip(self._les[attr], self._cuts[attr], strict=True)]
-        lines.append(f'{name}_bucket{{{sep}le="+Inf"}} {cumulative[-1]}')
-        lines.append(f"{name}_count{braces} {cumulative[-1]}")
-        lines.append(f"{name}_sum{braces} {_number(sum_ns / 1e9)}")
+        lines.append(f'{name}_bucket{{{sep}le="+Inf"}} {cumulative[-1]}\n')
+        lines.append(f"{name}_count{braces} {cumulative[-1]}\n")
+        lines.append(f"{name}_sum{braces} {_number(sum_ns / 1e9)}\n")
         return lines
 
     def _daemon(self, out: _Writer) -> None:
         out.family("eoid_build", "info", "eoid's version.",
-                   [f'eoid_build_info{{version="{_escape(__version__)}"}} 1'])
+                   [f'eoid_build_info{{version="{_escape(__version__)}"}} 1\n'])
         out.family("eoid_config_reloads", "counter", "Configuration reloads.", (
-            f'eoid_config_reloads_total{{result="{r}"}} {n}'
+            f'eoid_config_reloads_total{{result="{r}"}} {n}\n'
             for r, n in self.daemon.reloads.items()))
         name = "eoid_config_last_reload_success_timestamp_seconds"
         out.family(name, "gauge", "When the configuration was last loaded successfully.",
-                   [f"{name} {_number(self.daemon.last_reload_success)}"])
+                   [f"{name} {_number(self.daemon.last_reload_success)}\n"])
         if out.wants("eoid_loop_lag_seconds", "gauge"):
             lag = self._loop_lag()
             if lag is not None:
                 out.family("eoid_loop_lag_seconds", "gauge",
                            "How long a callback waited for the event loop, measured at scrape "
-                           "time.", [f"eoid_loop_lag_seconds {_number(lag)}"])
+                           "time.", [f"eoid_loop_lag_seconds {_number(lag)}\n"])
 
     def _loop_lag(self) -> float | None:
         """Ask the loop to run a no-op and time it: measured only when scraped, no polling."""

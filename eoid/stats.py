@@ -70,6 +70,12 @@ class Histogram:
                 self.counts[i] += n
         self.sum_ns += sum_ns
 
+    def copy(self) -> Histogram:
+        other = Histogram.__new__(Histogram)
+        other.counts = array("Q", self.counts)
+        other.sum_ns = self.sum_ns
+        return other
+
     @property
     def count(self) -> int:
         return sum(self.counts)
@@ -140,8 +146,14 @@ class DeviceStats:
         self.dispatch_latency = Histogram()  # trigger wake-up → consumer signalled
 
     def copy(self) -> DeviceStats:
-        other = DeviceStats()
-        other.restore(self.to_dict())
+        """A snapshot (each scrape takes one a device: no to_dict round trip)."""
+        other = DeviceStats.__new__(DeviceStats)
+        for name in COUNTERS:
+            setattr(other, name, getattr(self, name))
+        other.errors = dict(self.errors)
+        other.service = self.service.copy()
+        other.unmask_latency = self.unmask_latency.copy()
+        other.dispatch_latency = self.dispatch_latency.copy()
         return other
 
     def to_dict(self) -> dict[str, Any]:
