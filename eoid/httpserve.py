@@ -5,8 +5,10 @@ prometheus_client's server ran a thread per connection with no limit and no read
 the GIL for about a minute, and 125 idle ones exhausted the unit's ``TasksMax``. Here:
 
 * one I/O thread multiplexes every connection (``selectors``), non-blocking;
-* at most ``max_connections`` are open; at the limit, the oldest one that has not finished
-  sending its request is dropped for the newcomer (an idle connection cannot keep a scrape out);
+* at most ``max_connections`` are open; at the limit, the oldest one that has not sent its
+  request within ``GRACE`` is dropped for a newcomer (idle connections cannot keep a scrape
+  out), and while none has, new connections wait in the kernel's backlog (a flood of fresh
+  ones cannot push a scrape out either);
 * a request must arrive within ``read_timeout`` and its response leave within
   ``write_timeout``; requests are at most ``MAX_REQUEST`` bytes; every response closes its
   connection (Prometheus reconnects for each scrape; nothing stays open between scrapes);
@@ -65,6 +67,7 @@ Route = Callable[[Request], Response | Render]
 class _Conn:
     sock: socket.socket
     deadline: float
+    accepted: float
     inbox: bytearray = field(default_factory=bytearray)
     out: memoryview | None = None
     head: bool = False
@@ -103,7 +106,7 @@ def _plain(status: int, text: str) -> Response:
     return Response(status, [("Content-Type", "text/plain; charset=utf-8")], text.encode())
 
 
-def bind(address: tuple[str, int], backlog: int = 128) -> socket.socket:
+def bind(address: tuple[str, int], backlog: int = 1024) -> socket.socket:
     """A listening socket: ``("", port)`` is every interface, IPv6 and IPv4 (as
     node_exporter's ``:port``), or IPv4 only where IPv6 is off."""
     host, port = address
@@ -137,6 +140,10 @@ def bind(address: tuple[str, int], backlog: int = 128) -> socket.socket:
 class Server:
     """Serves ``route`` on ``address`` from two threads of its own (see the module doc)."""
 
+    GRACE = 0.5
+    """Seconds a connection may take to send its request before, at the limit, it makes
+    room for another (a scrape sends it at once)."""
+
     def __init__(self, address: tuple[str, int], route: Route, *, max_connections: int = 64,
                  read_timeout: float = 10.0, write_timeout: float = 30.0) -> None:
         self.route = route
@@ -154,6 +161,7 @@ class Server:
         self._done: queue.SimpleQueue[tuple[Hashable, Response]] = queue.SimpleQueue()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._stop = False
+        self._paused = False
         self._sel.register(self.listener, selectors.EVENT_READ, None)
         self._sel.register(self._wake_r, selectors.EVENT_READ, None)
         self._io = threading.Thread(target=self._serve, name="metrics-io", daemon=True)
@@ -205,6 +213,8 @@ class Server:
         while not self._stop:
             now = time.monotonic()
             deadlines = [next(iter(d)).deadline for d in (self._reading, self._writing) if d]
+            if self._paused and self._reading:  # when the oldest request may make room
+                deadlines.append(next(iter(self._reading)).accepted + self.GRACE)
             timeout = max(0.0, min(deadlines) - now) if deadlines else None
             for key, mask in self._sel.select(timeout):
                 fileobj = key.fileobj
@@ -217,9 +227,29 @@ class Server:
                 else:
                     self._write(key.data)
             self._expire(time.monotonic())
+            if self._paused and self._room(time.monotonic()):
+                self._paused = False
+                self._sel.register(self.listener, selectors.EVENT_READ, None)
+
+    def _room(self, now: float) -> bool:
+        """Whether a connection may be accepted, dropping the oldest connection that has
+        not sent its request within ``GRACE`` if that makes room."""
+        if self.open_connections < self.max_connections:
+            return True
+        oldest = next(iter(self._reading), None)
+        if oldest is None or now - oldest.accepted < self.GRACE:
+            return False
+        self._drop(oldest)
+        return True
 
     def _accept(self) -> None:
         for _ in range(256):  # then let the others have a turn
+            if not self._room(time.monotonic()):
+                # full of fresh connections: new ones wait in the kernel's backlog (a
+                # scrape is not dropped for a flood; it is taken in its turn)
+                self._paused = True
+                self._sel.unregister(self.listener)
+                return
             try:
                 sock, _ = self.listener.accept()
             except (BlockingIOError, InterruptedError):
@@ -227,14 +257,11 @@ class Server:
             except OSError:  # ECONNABORTED, EMFILE...: try again on the next event
                 return
             sock.setblocking(False)
-            if self.open_connections >= self.max_connections:
-                if not self._reading:
-                    sock.close()  # every slot is a scrape being answered
-                    continue
-                self._drop(next(iter(self._reading)))
-            conn = _Conn(sock, time.monotonic() + self.read_timeout)
+            now = time.monotonic()
+            conn = _Conn(sock, now + self.read_timeout, now)
             self._reading[conn] = None
             self._sel.register(sock, selectors.EVENT_READ, conn)
+            self._read(conn)  # the request is often there already
 
     def _read(self, conn: _Conn) -> None:
         try:
