@@ -296,6 +296,7 @@ class Daemon:
             pending.cancel()
         self._backoff.pop(name, None)
         runner = self.runners.pop(name)
+        self.metrics.retire(runner.stats)
         held = list(runner.device.held_fds()) if runner.device is not None else []
         runner.close()
         self._forget_fds(name, held)

@@ -37,7 +37,7 @@ from eoid import __version__
 from eoid.channel import State
 from eoid.config import MetricsConfig
 from eoid.httpserve import Render, Request, Response, Server
-from eoid.stats import BUCKETS_NS, ERROR_OPS, DeviceStats, Histogram, cuts
+from eoid.stats import ERROR_OPS, DeviceStats, Histogram, cuts
 
 STATES = tuple(s.name.lower() for s in State)
 TEXT = "text/plain; version=0.0.4; charset=utf-8"
@@ -95,6 +95,16 @@ class DaemonMetrics:
     reloads: dict[str, int] = field(default_factory=lambda: {"success": 0, "failure": 0})
     last_reload_success: float = 0.0
     loop: asyncio.AbstractEventLoop | None = None
+    retired: dict[str, Histogram] = field(default_factory=lambda: {
+        attr: Histogram() for attr, _, _ in HISTOGRAMS})
+    """Removed devices' observations, still in the daemon-wide histograms."""
+
+    def retire(self, stats: DeviceStats) -> None:
+        """Keep a removed device's observations in the daemon-wide histograms: their
+        buckets are counters and must not go back."""
+        for attr, hist in self.retired.items():
+            gone: Histogram = getattr(stats, attr)
+            hist.add(tuple(gone.counts), gone.sum_ns)
 
 
 @dataclass(frozen=True)
@@ -190,9 +200,9 @@ class EoidCollector:
                     for line in self._histogram(name, attr, lbl, getattr(v.stats, attr).counts,
                                                 getattr(v.stats, attr).sum_ns)))
             else:
-                hists: list[Histogram] = [getattr(v.stats, attr) for v in views]
-                counts = [sum(col) for col in zip(*(h.counts for h in hists), strict=True)] \
-                    if hists else [0] * (len(BUCKETS_NS) + 1)
+                hists: list[Histogram] = [self.daemon.retired[attr],
+                                          *(getattr(v.stats, attr) for v in views)]
+                counts = [sum(col) for col in zip(*(h.counts for h in hists), strict=True)]
                 out.family(name, "histogram", doc + " All devices.", self._histogram(
                     name, attr, "", counts, sum(h.sum_ns for h in hists)))
         out.family("eoid_device_up", "gauge", "1 if the device is open and armed.", (

@@ -309,3 +309,16 @@ def test_per_device_histograms_setting(mode: str, per_device_names: set[str]) ->
 def test_bucket_lists_must_be_recorded_bounds_in_order(buckets: list[str]) -> None:
     with pytest.raises(ValidationError):
         MetricsConfig.model_validate({"service_buckets": buckets})
+
+
+def test_daemon_wide_histograms_keep_removed_devices_observations() -> None:
+    devices, daemon = Devices(3), DaemonMetrics()
+    registry = build_registry(devices, daemon, MetricsConfig())
+
+    def dispatch_count() -> float:
+        got = samples(registry.render(False, frozenset({"eoid_dispatch_latency_seconds_count"})))
+        return got["eoid_dispatch_latency_seconds_count"][0][1]
+
+    assert dispatch_count() == 3
+    daemon.retire(devices.views.pop().stats)  # what the daemon does when it removes a device
+    assert dispatch_count() == 3  # a counter: it does not go back
