@@ -33,6 +33,7 @@ from pydantic import (
 )
 
 from eoid.errors import ConfigError
+from eoid.stats import BUCKETS_NS, SERVICE_BUCKETS_NS, check_buckets
 
 # --- human units ----------------------------------------------------------------------
 
@@ -99,7 +100,7 @@ Recovery = Annotated[int, BeforeValidator(parse_duration), AfterValidator(_withi
 
 _PCI_ADDRESS = re.compile(r"^[0-9a-fA-F]{4}:[0-9a-fA-F]{2}:[0-1][0-9a-fA-F]\.[0-7]$")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
-_LISTEN = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
+_LISTEN = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]*):(\d{1,5})$")
 
 
 SHARED = "shared"
@@ -212,7 +213,17 @@ class ControlConfig(_Strict):
 
 class MetricsConfig(_Strict):
     listen: str | None = "127.0.0.1:9466"
-    """``host:port`` for ``/metrics``; null turns the exporter off."""
+    """``host:port`` for ``/metrics`` (``:port``: every interface); null turns it off."""
+    per_device_histograms: Literal["none", "service", "all"] = "service"
+    """Histograms exported per device; the others are daemon-wide (see README, Metrics)."""
+    service_buckets: tuple[Duration, ...] = SERVICE_BUCKETS_NS
+    overhead_buckets: tuple[Duration, ...] = BUCKETS_NS
+    """Exported bounds of the service and of the dispatch/unmask histograms (recorded ones)."""
+
+    @field_validator("service_buckets", "overhead_buckets")
+    @classmethod
+    def _buckets(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        return check_buckets(v)
 
     @field_validator("listen")
     @classmethod
@@ -220,7 +231,8 @@ class MetricsConfig(_Strict):
         if v is not None:
             m = _LISTEN.match(v)
             if not m or int(m.group(2)) > 65535:
-                raise ValueError(f"{v!r} is not host:port (e.g. 127.0.0.1:9466 or [::1]:9466)")
+                raise ValueError(f"{v!r} is not host:port "
+                                 "(e.g. 127.0.0.1:9466, [::1]:9466 or :9466)")
         return v
 
     def address(self) -> tuple[str, int] | None:

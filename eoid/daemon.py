@@ -142,7 +142,8 @@ class Daemon:
         address = self.config.daemon.metrics.address()
         if address is not None:
             try:
-                self.exporter = Exporter(build_registry(self, self.metrics), address)
+                registry = build_registry(self, self.metrics, self.config.daemon.metrics)
+                self.exporter = Exporter(registry, address)
             except OSError as e:
                 self.control.close()
                 raise EoidError(f"cannot serve metrics on {self.config.daemon.metrics.listen}: "
@@ -299,6 +300,7 @@ class Daemon:
             pending.cancel()
         self._backoff.pop(name, None)
         runner = self.runners.pop(name)
+        self.metrics.retire(runner.stats)
         held = list(runner.device.held_fds()) if runner.device is not None else []
         runner.close()
         self._forget_fds(name, held)

@@ -33,7 +33,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from eoid.control import ControlClient, wait_for_socket
 from eoid.errors import EoidError
-from eoid.stats import human_seconds, quantile
+from eoid.stats import BUCKETS_NS, human_seconds, quantile
 from eoid.testing import FakeSystemd
 from eoid.wire import recv_msg, send_msg
 
@@ -129,9 +129,11 @@ class Demo:
 
     def write_config(self) -> None:
         (self.dir / "devices.d").mkdir(parents=True, exist_ok=True)
+        # the live view's per-device percentiles: every histogram per device, every bucket
         self.config.write_text(
             f"control: {{socket: {self.control}}}\n"
-            f"metrics: {{listen: '{self.args.metrics_listen}'}}\n"
+            f"metrics: {{listen: '{self.args.metrics_listen}', per_device_histograms: all, "
+            f"service_buckets: [{', '.join(f'{ns}ns' for ns in BUCKETS_NS)}]}}\n"
             f"sim: {{socket: {self.sim_socket}}}\n"
             f"log: {{format: json, level: info}}\n"
             f"loop: {self.args.loop}\n")

@@ -20,6 +20,34 @@ BUCKETS_SECONDS: tuple[float, ...] = (
 
 BUCKETS_NS: tuple[int, ...] = tuple(round(b * 1e9) for b in BUCKETS_SECONDS)
 
+SERVICE_BUCKETS_NS: tuple[int, ...] = (
+    10_000, 25_000, 50_000, 100_000, 250_000, 1_000_000, 10_000_000, 100_000_000)
+"""Exported buckets of the guest's service time (10 µs to 100 ms): guests EOI in tens to
+hundreds of µs; ms mean a busy or slow guest; past 100 ms it is hung (``eoi_timeout``).
+Eight bounds keep a device at 29 series (see README, Metrics)."""
+
+
+def check_buckets(bounds_ns: Sequence[int]) -> tuple[int, ...]:
+    """``bounds_ns`` if they can be exported exactly from the recorded buckets: ascending,
+    each one of ``BUCKETS_NS`` (the hot path records into those; an exported bucket is a
+    sum of recorded ones)."""
+    bounds = tuple(bounds_ns)
+    if not bounds:
+        raise ValueError("at least one bucket")
+    if list(bounds) != sorted(set(bounds)):
+        raise ValueError("buckets must be ascending, without repeats")
+    unknown = [b for b in bounds if b not in BUCKETS_NS]
+    if unknown:
+        raise ValueError(f"{unknown[0]} ns is not a recorded bucket; choose from 1us 2.5us 5us "
+                         "10us 25us 50us 100us 250us 500us 1ms 2.5ms 5ms 10ms 25ms 50ms 100ms "
+                         "250ms 500ms 1s 2.5s 5s 10s")
+    return bounds
+
+
+def cuts(bounds_ns: Sequence[int]) -> tuple[int, ...]:
+    """For each exported bound, how many recorded buckets (from the first) it sums."""
+    return tuple(BUCKETS_NS.index(b) + 1 for b in bounds_ns)
+
 
 class Histogram:
     """Non-cumulative bucket counts in nanoseconds; cumulated only when exported."""
@@ -42,6 +70,12 @@ class Histogram:
                 self.counts[i] += n
         self.sum_ns += sum_ns
 
+    def copy(self) -> Histogram:
+        other = Histogram.__new__(Histogram)
+        other.counts = array("Q", self.counts)
+        other.sum_ns = self.sum_ns
+        return other
+
     @property
     def count(self) -> int:
         return sum(self.counts)
@@ -60,8 +94,10 @@ class Histogram:
             self.sum_ns = int(data.get("sum_ns", 0))
 
 
-def quantile(counts: Sequence[int], q: float) -> float | None:
-    """``histogram_quantile`` over non-cumulative ``counts`` (seconds); None when empty."""
+def quantile(counts: Sequence[int], q: float,
+             bounds: Sequence[float] = BUCKETS_SECONDS) -> float | None:
+    """``histogram_quantile`` over non-cumulative ``counts`` (seconds) of buckets with
+    upper ``bounds`` and a last +Inf bucket; None when empty."""
     total = sum(counts)
     if total == 0:
         return None
@@ -69,12 +105,12 @@ def quantile(counts: Sequence[int], q: float) -> float | None:
     seen = 0
     for i, c in enumerate(counts):
         if c and seen + c >= rank:
-            if i == len(BUCKETS_SECONDS):
-                return BUCKETS_SECONDS[-1]
-            lower = BUCKETS_SECONDS[i - 1] if i else 0.0
-            return lower + (BUCKETS_SECONDS[i] - lower) * (rank - seen) / c
+            if i == len(bounds):
+                return bounds[-1]
+            lower = bounds[i - 1] if i else 0.0
+            return lower + (bounds[i] - lower) * (rank - seen) / c
         seen += c
-    return BUCKETS_SECONDS[-1]
+    return bounds[-1]
 
 
 def human_seconds(seconds: float | None) -> str:
@@ -110,8 +146,14 @@ class DeviceStats:
         self.dispatch_latency = Histogram()  # trigger wake-up → consumer signalled
 
     def copy(self) -> DeviceStats:
-        other = DeviceStats()
-        other.restore(self.to_dict())
+        """A snapshot (each scrape takes one a device: no to_dict round trip)."""
+        other = DeviceStats.__new__(DeviceStats)
+        for name in COUNTERS:
+            setattr(other, name, getattr(self, name))
+        other.errors = dict(self.errors)
+        other.service = self.service.copy()
+        other.unmask_latency = self.unmask_latency.copy()
+        other.dispatch_latency = self.dispatch_latency.copy()
         return other
 
     def to_dict(self) -> dict[str, Any]:

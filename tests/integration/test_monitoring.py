@@ -50,7 +50,9 @@ GAUGES = {
     "eoid_config_last_reload_success_timestamp_seconds",
 }
 KNOWN = COUNTERS | HISTOGRAMS | GAUGES
-PER_DEVICE = KNOWN - {
+PER_DEVICE = KNOWN - {  # eoid's own overheads are daemon-wide by default
+    "eoid_unmask_latency_seconds",
+    "eoid_dispatch_latency_seconds",
     "eoid_build_info",
     "eoid_loop_lag_seconds",
     "eoid_config_reloads_total",
