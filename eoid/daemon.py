@@ -43,6 +43,7 @@ REOPEN_INITIAL = 1.0
 REOPEN_MAX = 30.0
 EXTEND_EVERY = 5.0  # seconds of start-up between EXTEND_TIMEOUT_USEC messages
 GIL_SWITCH_INTERVAL = 0.0005  # seconds; see run_daemon
+YIELD_EVERY = 32  # devices armed at start-up between two turns of the loop
 
 
 def open_backend(device: DeviceConfig, daemon: DaemonConfig, sims: SimConnections,
@@ -77,13 +78,15 @@ class Daemon:
         self.notifier = notifier or Notifier(None)
         self.adopted = adopted or Adopted()
         self.store = FdStore(self.notifier, self.adopted.state_fd)
-        self.sims = SimConnections(self.store, self.adopted.sims)
+        self._sims: SimConnections | None = None  # made with the loop (startup)
         self.runners: dict[str, DeviceRunner] = {}
         self.metrics = DaemonMetrics()
         self.exporter: Exporter | None = None
         self.control: ControlServer | None = None
         self.started = time.monotonic()
         self._reopen: dict[str, asyncio.TimerHandle] = {}  # down devices' next open attempt
+        # devices whose backend has yet to confirm the open (a sim process's answer)
+        self._opening: dict[str, tuple[asyncio.Future[None], IntxDevice]] = {}
         self._backoff: dict[str, float] = {}
         self._peer_names: dict[Consumer, str] = {}  # consumers whose connection is stored
         self._next_peer = 1
@@ -110,6 +113,12 @@ class Daemon:
         return self._loop
 
     @property
+    def sims(self) -> SimConnections:
+        """The connections to sim processes, shared by their devices."""
+        assert self._sims is not None, "the daemon is not running"
+        return self._sims
+
+    @property
     def lane(self) -> Lane:
         """The thread that runs every device's common round trip (eoid/_fastpath.c)."""
         assert self._lane is not None, "the daemon is not running"
@@ -132,6 +141,7 @@ class Daemon:
         self._lane = Lane()
         self._loop.add_reader(self._lane.notify_fd, self._lane.dispatch)
         self.metrics.loop = self._loop
+        self._sims = SimConnections(self._loop, self.store, self.adopted.sims)
         self.control = ControlServer(self.config.daemon.control, self, self._loop)
         listener = self.control.listen(self.adopted.control)
         self.store.put("control", listener.fileno())
@@ -149,11 +159,16 @@ class Daemon:
                 raise EoidError(f"cannot serve metrics on {self.config.daemon.metrics.listen}: "
                                 f"{e.strerror}") from e
         arming = begun = time.monotonic()
-        for device in self.config.devices.values():
+        for n, device in enumerate(self.config.devices.values(), 1):
             self._add(device)
+            if n % YIELD_EVERY == 0:  # serve the sims' answers and the consumers meanwhile
+                await asyncio.sleep(0)
             if time.monotonic() - begun > EXTEND_EVERY:  # many slow devices: keep systemd patient
                 self.notify(self.notifier.extend_timeout, 2 * EXTEND_EVERY)
                 begun = time.monotonic()
+        if self._opening:  # the answers of sim processes, the loop serving meanwhile
+            await asyncio.wait([opening for opening, _ in self._opening.values()],
+                               timeout=EXTEND_EVERY)
         arm_seconds = time.monotonic() - arming
         for name in self.adopted.close_rest():
             self.store.remove(name)
@@ -204,6 +219,8 @@ class Daemon:
         for handle in self._reopen.values():
             handle.cancel()
         self._reopen.clear()
+        for name in list(self._opening):
+            self._cancel_opening(name)
         if handover:
             self._save_state(with_stats=True)
             for runner in self.runners.values():
@@ -218,7 +235,8 @@ class Daemon:
             with contextlib.suppress(ValueError, OSError):
                 self.loop.remove_reader(self._lane.notify_fd)
             self._lane.close()
-        self.sims.close()
+        if self._sims is not None:
+            self._sims.close()
         if self.control is not None:
             self.control.close(handover)
         if self.exporter is not None:
@@ -261,22 +279,63 @@ class Daemon:
                 runner.consumer = peer
                 peer.attached.add(runner.name)
 
-    def _open(self, runner: DeviceRunner) -> bool:
+    def _open(self, runner: DeviceRunner, retry: bool = False) -> None:
+        """Open the device's backend and start the runner on it. A backend that waits for
+        another process (sim) starts when that answer arrives (``_opened``): the loop
+        serves everyone else meanwhile."""
         pending = self._reopen.pop(runner.name, None)
         if pending is not None:
             pending.cancel()
+        if runner.name in self._opening:
+            return  # an attempt is on its way
         try:
             device = open_backend(runner.config, self.config.daemon, self.sims)
-            runner.start(device)
         except EoidError as e:
-            runner.down_reason = str(e)
-            self._log.warning("device not available", device=runner.name, error=str(e))
-            self._schedule_reopen(runner)
-            return False
+            self._not_available(runner, str(e))
+            return
+        opening = device.opening()
+        if opening is None:
+            self._start(runner, device, retry)
+            return
+        self._opening[runner.name] = (opening, device)
+        opening.add_done_callback(lambda _: self._opened(runner, device, opening, retry))
+
+    def _opened(self, runner: DeviceRunner, device: IntxDevice, opening: asyncio.Future[None],
+                retry: bool) -> None:
+        current = self._opening.get(runner.name)
+        if current is None or current[0] is not opening or opening.cancelled():
+            device.close()  # removed, replaced or shut down meanwhile
+            return
+        del self._opening[runner.name]
+        error = opening.exception()
+        if error is not None:
+            device.close()
+            self._not_available(runner, str(error))
+            return
+        self._start(runner, device, retry)
+
+    def _start(self, runner: DeviceRunner, device: IntxDevice, retry: bool) -> None:
+        try:
+            runner.start(device)
+        except EoidError as e:  # the runner has closed the device
+            self._not_available(runner, str(e))
+            return
         self._backoff.pop(runner.name, None)
         for role, fd in device.held_fds().items():
             self.store.put(device_fd_name(runner.name, role), fd)
-        return True
+        if retry:
+            self._log.info("device recovered", device=runner.name)
+
+    def _not_available(self, runner: DeviceRunner, reason: str) -> None:
+        runner.down_reason = reason
+        self._log.warning("device not available", device=runner.name, error=reason)
+        self._schedule_reopen(runner)
+
+    def _cancel_opening(self, name: str) -> None:
+        opening = self._opening.pop(name, None)
+        if opening is not None:
+            opening[0].cancel()
+            opening[1].close()  # now: the line may be opened again at once (a reload)
 
     def _device_down(self, runner: DeviceRunner, reason: str, held: list[str]) -> None:
         for role in held:
@@ -291,13 +350,14 @@ class Daemon:
     def _retry(self, name: str) -> None:
         self._reopen.pop(name, None)
         runner = self.runners.get(name)
-        if runner is not None and not runner.up and self._open(runner):
-            self._log.info("device recovered", device=name)
+        if runner is not None and not runner.up:
+            self._open(runner, retry=True)
 
     def _remove(self, name: str) -> None:
         pending = self._reopen.pop(name, None)
         if pending is not None:
             pending.cancel()
+        self._cancel_opening(name)
         self._backoff.pop(name, None)
         runner = self.runners.pop(name)
         self.metrics.retire(runner.stats)
@@ -372,9 +432,9 @@ class Daemon:
         names = ["irq", "eoi"]
         backend = runner.config.backend
         if backend.type == "vfio" and backend.share_device_fd and runner.device is not None:
-            share = getattr(runner.device, "fd_for_consumer", None)
+            share = runner.device.fd_for_consumer()
             if share is not None:
-                fds.append(share())
+                fds.append(share)
                 names.append("device")
         return {"device": device, "fds": names, "up": runner.up}, fds
 

@@ -45,8 +45,11 @@ DRAIN_TIMEOUT = 15.0
 
 def scrape(url: str, timeout: float = 10.0) -> Samples:
     """Every sample of a /metrics page: name → {sorted labels → value}."""
-    with urllib.request.urlopen(url, timeout=timeout) as response:
-        text = response.read().decode()
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            text = response.read().decode()
+    except OSError as e:  # URLError, a timeout, a reset
+        raise EoidError(f"cannot scrape {url}: {getattr(e, 'reason', None) or e}") from e
     out: Samples = defaultdict(dict)
     for family in text_string_to_metric_families(text):
         for s in family.samples:
@@ -69,9 +72,13 @@ def bucket_counts(samples: Samples, metric: str, device: str) -> list[int]:
 def sim_call(path: Path, op: str, **fields: Any) -> dict[str, Any]:
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
         sock.settimeout(5)
-        sock.connect(str(path))
-        send_msg(sock, {"op": op, **fields})
-        received = recv_msg(sock, 1 << 24)
+        try:
+            sock.connect(str(path))
+            send_msg(sock, {"op": op, **fields})
+            received = recv_msg(sock, 1 << 24)
+        except OSError as e:
+            raise EoidError(f"the sim did not answer {op!r} on {path}: "
+                            f"{e.strerror or 'timed out'}") from e
     if received is None or not received[0].get("ok"):
         raise EoidError(f"sim {op} failed: {received}")
     return received[0]
@@ -165,8 +172,8 @@ class Demo:
         deadline = time.monotonic() + 20
         while self.systemd.state() != "ready":
             if time.monotonic() > deadline or self.procs["daemon"].poll() is not None:
-                raise EoidError("the restarted daemon did not become ready:\n"
-                                + (self.dir / "daemon.log").read_text()[-2000:])
+                raise EoidError("the restarted daemon did not become ready: "
+                                + self.last_words("daemon"))
             time.sleep(0.01)
         self.restarts += 1
 
@@ -201,12 +208,32 @@ class Demo:
             return proc.poll() is None
 
         if not wait_for_socket(path, 20, alive):
-            log = (self.dir / f"{role}.log").read_text()[-2000:]
-            raise EoidError(f"the {role} process did not start:\n{log}")
+            raise EoidError(f"the {role} did not start: {self.last_words(role)}")
+
+    def last_words(self, role: str) -> str:
+        """The last thing a process said (its error, usually), on one line."""
+        path = self.dir / f"{role}.log"
+        lines = path.read_text(errors="replace").splitlines() if path.exists() else []
+        for raw in reversed(lines):
+            line = raw.strip()
+            if line.startswith("{"):
+                with contextlib.suppress(ValueError):
+                    event = json.loads(line)
+                    if isinstance(event, dict) and event.get("level") in ("error", "critical"):
+                        return " ".join(str(event[k]) for k in ("message", "error")
+                                        if k in event)
+                continue
+            if line:
+                return line
+        code = self.procs[role].poll()
+        return f"it exited with status {code}" if code is not None else "no answer in 20 s"
 
     def status(self) -> dict[str, Any]:
-        with ControlClient(self.control, timeout=15) as client:
-            return client.request("status")[0]
+        try:
+            with ControlClient(self.control, timeout=15) as client:
+                return client.request("status")[0]
+        except TimeoutError as e:
+            raise EoidError("the daemon did not answer `status` within 15 s") from e
 
     def stop(self) -> None:
         for role in ("daemon", "sim"):
@@ -327,7 +354,19 @@ def render_live(prev: Samples, cur: Samples, dt: float, status: dict[str, Any]) 
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    """The ``eoid demo`` command; returns the exit code."""
+    """The ``eoid demo`` command; returns the exit code. Whatever goes wrong ends as one
+    ``EoidError`` line (the CLI prints it and exits 1), never as a traceback."""
+    try:
+        return _run_demo(args)
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:  # the demo's promise: a message, not a traceback
+        text = str(e) if isinstance(e, EoidError) else f"{type(e).__name__}: {e}"
+        raise EoidError(" | ".join(line.strip() for line in text.splitlines()
+                                   if line.strip())) from e
+
+
+def _run_demo(args: argparse.Namespace) -> int:
     if args.devices < 1:
         raise EoidError("--devices must be at least 1")
     with contextlib.ExitStack() as stack:

@@ -8,8 +8,10 @@ is still asserted at that moment the trigger is signalled again at once.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -40,10 +42,19 @@ class DeviceInfo:
 
 
 class IntxDevice(Protocol):
-    """One opened INTx line. Every method may raise ``DeviceError``."""
+    """One opened INTx line. Every method may raise ``DeviceError``.
+
+    A backend that talks to another process (sim) never waits for it: its requests are
+    answered on the event loop, so ``opening`` settles later and a request that fails
+    later is reported as a ``GONE`` event. A backend of local kernel calls (vfio) is open
+    when constructed and raises from the call that failed."""
 
     @property
     def info(self) -> DeviceInfo: ...
+
+    def opening(self) -> asyncio.Future[None] | None:
+        """What must settle before ``enable``: None if the device is open already, else a
+        future that holds None once it is, or raises ``DeviceError``. Asked once."""
 
     def enable(self, trigger_fd: int) -> None:
         """Register ``trigger_fd`` as the INTx trigger; the line starts unmasked."""
@@ -68,8 +79,17 @@ class IntxDevice(Protocol):
     def event_fds(self) -> list[int]:
         """File descriptors to watch for out-of-band device events."""
 
+    def watch(self, loop: asyncio.AbstractEventLoop, on_event: Callable[[int], None]) -> None:
+        """Events that do not come on ``event_fds`` (a socket shared by many devices) are
+        announced by calling ``on_event(fd)`` from ``loop``; it then calls ``read_event``.
+        A backend whose events all come on ``event_fds`` does nothing."""
+
     def read_event(self, fd: int) -> DeviceEvent | None:
         """Consume readiness on one of ``event_fds``; None if it was nothing."""
 
     def held_fds(self) -> dict[str, int]:
         """Named fds that keep the device open (for systemd's fd store)."""
+
+    def fd_for_consumer(self) -> int | None:
+        """A new fd of the device for its consumer (a VMM that must not open it itself,
+        VFIO's ``share_device_fd``), owned by the caller; None if the backend has none."""

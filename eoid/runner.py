@@ -155,9 +155,7 @@ class DeviceRunner:
         self._watch()
         for fd in device.event_fds():
             self.loop.add_reader(fd, self._on_device_event, fd)
-        watch = getattr(device, "watch", None)  # a backend that delivers events itself (sim)
-        if watch is not None:
-            watch(self.loop, self._on_device_event)
+        device.watch(self.loop, self._on_device_event)  # events not on an fd of its own (sim)
         self.channel.attached = self.consumer is not None
         now = monotonic_ns()
         if adopted:

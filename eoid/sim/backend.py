@@ -9,12 +9,23 @@ device costs eoid four fds (its three eventfds and the unmask eventfd) and a sim
 one more: 4096 devices fit in a 20,000-fd limit. Requests name their line, events come
 back naming theirs and reach the device's ``watch`` callback (a shared socket can have
 one loop reader only, so ``event_fds`` is empty); an EOF is ``GONE`` for every device.
+
+A sim is another process, so the daemon never waits for it: requests are sent without
+blocking (``Outbox``), their replies arrive on the loop like any event, and each has a
+deadline: it fails once the sim has been silent for ``REQUEST_TIMEOUT`` (far below an EOI
+deadline) since the request was made. The sim answers in turn, so a request queued behind
+many others (1024 opens at start-up) waits while the sim keeps answering the ones before
+it, but a frozen sim is found out within ``REQUEST_TIMEOUT``. Either way only that sim's
+devices wait. Opening a line is the one request whose answer matters
+before the device may start (``opening``); a later request that fails or gets no answer
+takes its device down (``GONE``), and the daemon reopens it with a backoff.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import itertools
 import os
 import socket
@@ -22,34 +33,45 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 from eoid.device import DeviceEvent, DeviceInfo
 from eoid.errors import DeviceError, EoidError, ProtocolError
 from eoid.fdstore import FdStore, sim_fd_name
+from eoid.sim.outbox import Outbox
 from eoid.systemd import close_all
-from eoid.wire import recv_msg, send_msg
+from eoid.wire import recv_msg
 
-CALL_TIMEOUT = 2.0
+REQUEST_TIMEOUT = 0.5  # seconds a sim may stay silent on a request (eoi_timeout: 2 s default)
+READ_BATCH = 64  # messages read per wake-up, so one busy sim cannot hold the loop
+
+_LOG = structlog.get_logger("eoid.sim")
+
+
+class SimRequestError(DeviceError):
+    """A sim request that failed; ``reason`` is why, without the device and op."""
+
+    def __init__(self, device: str, op: str, reason: str) -> None:
+        super().__init__(device, op, reason)
+        self.reason = reason
 
 
 class SimConnections:
     """A daemon's connections to sim processes: one per socket path, kept while some device
     uses it, and parked in the fd store meanwhile (``sim_fd_name``)."""
 
-    def __init__(self, store: FdStore | None = None, adopted: dict[str, int] | None = None,
-                 ) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, store: FdStore | None = None,
+                 adopted: dict[str, int] | None = None) -> None:
+        self.loop = loop
         self._store = store
         self._adopted = {} if adopted is None else adopted  # from the store; popped on use
         self._open: dict[str, SimConnection] = {}
 
     def open(self, path: Path, device: SimDevice) -> SimConnection:
-        """The connection to ``path``, with ``device``'s line opened on it."""
+        """The connection to ``path`` (connected now, without waiting), with ``device`` on it;
+        ``SimDevice.opening`` then asks the sim for the line."""
         conn = self._get(str(path)) or self._connect(str(path))
-        try:
-            conn.add(device)
-            conn.call(device.name, "open", line=device.line)
-        except DeviceError:
-            conn.remove(device)
-            raise
+        conn.add(device)
         return conn
 
     def adopt(self, path: Path, device: SimDevice) -> SimConnection:
@@ -75,9 +97,11 @@ class SimConnections:
         return conn
 
     def _connect(self, path: str) -> SimConnection:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        """Connect without blocking: a unix connect completes at once or fails (``EAGAIN``
+        when the sim's accept backlog is full, e.g. while it is frozen)."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC
+                             | socket.SOCK_NONBLOCK)
         try:
-            sock.settimeout(CALL_TIMEOUT)
             sock.connect(path)
         except OSError:
             sock.close()
@@ -98,18 +122,26 @@ class SimConnections:
 
 class SimConnection:
     """One SEQPACKET connection to a sim process, shared by the devices on it (``devices``
-    is its reference count). Requests are answered in turn, matched by ``id``."""
+    is its reference count). Requests are pipelined; replies are matched by ``id``."""
 
     def __init__(self, owner: SimConnections, path: str, sock: socket.socket, *,
                  adopted: bool) -> None:
         self.owner = owner
         self.path = path
+        self.loop = owner.loop
         self.sock: socket.socket | None = sock
         self.adopted = adopted  # from the fd store: a previous eoid opened its lines
         self.devices: dict[str, SimDevice] = {}  # line → device
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._ids = itertools.count(1)
-        sock.settimeout(CALL_TIMEOUT)
+        # ids unique to this process: a stored connection may still carry the replies
+        # to a previous eoid's requests
+        self._ids = itertools.count(os.getpid() << 32)
+        # in-flight requests, oldest first: (reply, made at, device, op)
+        self._pending: dict[int, tuple[asyncio.Future[dict[str, Any]], float, str, str]] = {}
+        self._heard = 0.0  # loop time of the sim's last message
+        self._timer: asyncio.TimerHandle | None = None  # the oldest request's deadline
+        sock.setblocking(False)
+        self._outbox = Outbox(sock, self.loop, self._send_failed)
+        self.loop.add_reader(sock.fileno(), self._readable)
 
     def fileno(self) -> int:
         return -1 if self.sock is None else self.sock.fileno()
@@ -125,74 +157,107 @@ class SimConnection:
             return
         del self.devices[device.line]
         if self.sock is not None and self.devices:
-            with contextlib.suppress(DeviceError):
-                self.call(device.name, "close", line=device.line)
+            self.send(device.name, "close", line=device.line)
         if not self.devices:
             self.owner.discard(self)
 
-    def call(self, name: str, op: str, fds: tuple[int, ...] = (), **fields: Any,
-             ) -> dict[str, Any]:
-        """Send device ``name``'s request and wait for its reply; events that come first
-        are routed."""
+    def request(self, name: str, op: str, fds: tuple[int, ...] = (), **fields: Any,
+                ) -> asyncio.Future[dict[str, Any]]:
+        """Send device ``name``'s request now; the future holds the reply, or a
+        ``DeviceError`` if the sim refuses, goes away or does not answer in time."""
         if self.sock is None:
             raise DeviceError(name, op, "the sim process closed the connection")
         ident = next(self._ids)
-        try:
-            send_msg(self.sock, {"op": op, "id": ident, **fields}, fds)
-            while True:
-                received = recv_msg(self.sock)
-                if received is None:
-                    self._lost()
-                    raise DeviceError(name, op, "the sim process closed the connection")
-                reply, extra = received
-                close_all(extra)
-                if "event" in reply:
-                    self._route(reply)
-                elif reply.get("id") == ident:  # else the late reply to a call that timed out
-                    if not reply.get("ok"):
-                        raise DeviceError(name, op, str(reply.get("error", {}).get("message")))
-                    return reply
-        except (TimeoutError, ProtocolError) as e:
-            raise DeviceError(name, op, f"no usable reply from the sim process: {e}") from e
-        except OSError as e:
-            self._lost()
-            raise DeviceError(name, op, "sim socket failed", e.errno) from e
+        future: asyncio.Future[dict[str, Any]] = self.loop.create_future()
+        self._pending[ident] = (future, self.loop.time(), name, op)
+        future.add_done_callback(lambda _: self._pending.pop(ident, None))
+        if self._timer is None:
+            self._timer = self.loop.call_later(REQUEST_TIMEOUT, self._expire)
+        self._outbox.send({"op": op, "id": ident, **fields}, fds)
+        return future
 
-    def watch(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Read events from ``loop`` (once: every device on the connection uses one loop)."""
-        if self._loop is None and self.sock is not None:
-            self._loop = loop
-            loop.add_reader(self.sock.fileno(), self._readable)
+    def send(self, name: str, op: str, fds: tuple[int, ...] = (), **fields: Any) -> None:
+        """A request whose answer changes nothing for the daemon (``disable``, ``close``):
+        a failure is logged, not raised."""
+        def done(future: asyncio.Future[dict[str, Any]]) -> None:
+            if not future.cancelled() and future.exception() is not None:
+                _LOG.debug("sim request failed", device=name, op=op,
+                           error=str(future.exception()))
+        self.request(name, op, fds, **fields).add_done_callback(done)
+
+    def _expire(self) -> None:
+        """Fail the requests on which the sim has been silent for ``REQUEST_TIMEOUT``; look
+        again at the next oldest one's deadline. Answers already in the socket count: a
+        daemon that was busy itself (arming 1024 devices) has not heard them yet."""
+        self._timer = None
+        self._readable(limit=None)
+        now = self.loop.time()
+        for future, made, name, op in list(self._pending.values()):
+            deadline = max(made, self._heard) + REQUEST_TIMEOUT
+            if deadline > now:
+                self._timer = self.loop.call_at(deadline, self._expire)
+                return
+            if not future.done():
+                future.set_exception(SimRequestError(
+                    name, op, f"the sim process did not answer within {REQUEST_TIMEOUT}s"))
 
     def shut(self) -> None:
         if self.sock is None:
             return
-        if self._loop is not None:
-            with contextlib.suppress(ValueError, OSError):
-                self._loop.remove_reader(self.sock.fileno())
+        self._outbox.close()
+        with contextlib.suppress(ValueError, OSError):
+            self.loop.remove_reader(self.sock.fileno())
         self.sock.close()
         self.sock = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        pending, self._pending = self._pending, {}
+        for future, _, name, op in pending.values():
+            if not future.done():
+                future.set_exception(SimRequestError(name, op,
+                                                     "the sim process closed the connection"))
 
-    def _readable(self) -> None:
-        sock = self.sock
-        if sock is None:
-            return
-        try:
-            sock.setblocking(False)
-            received = recv_msg(sock)
-        except (BlockingIOError, ProtocolError):
-            return  # nothing after all, or a message that was not one (dropped)
-        except OSError:
-            received = None
-        finally:
-            sock.settimeout(CALL_TIMEOUT)
-        if received is None:
-            self._lost()
-            return
-        message, fds = received
-        close_all(fds)
-        if "event" in message:
-            self._route(message)
+    def _readable(self, limit: int | None = READ_BATCH) -> None:
+        for _ in itertools.repeat(None) if limit is None else range(limit):
+            sock = self.sock
+            if sock is None:
+                return
+            try:
+                received = recv_msg(sock)
+            except (BlockingIOError, InterruptedError):
+                return
+            except ProtocolError:
+                continue  # a message that was not one (dropped)
+            except OSError:
+                received = None
+            if received is None:
+                self._lost()
+                return
+            message, fds = received
+            close_all(fds)
+            self._heard = self.loop.time()
+            if "event" in message:
+                self._route(message)
+                continue
+            ident = message.get("id")
+            entry = self._pending.get(ident) if isinstance(ident, int) else None
+            if entry is None or entry[0].done():
+                continue  # the late answer to a request that timed out
+            future, _, name, op = entry
+            if message.get("ok"):
+                future.set_result(message)
+            else:
+                error = message.get("error")
+                text = error.get("message") if isinstance(error, dict) else error
+                future.set_exception(SimRequestError(name, op, str(text)))
+
+    def _send_failed(self, error: OSError) -> None:
+        if error.errno in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN):
+            self.loop.call_soon(self._lost)  # not from inside the sender's call
+        else:
+            _LOG.warning("sim socket send failed", socket=self.path, error=error.strerror)
+            self.loop.call_soon(self._lost)
 
     def _route(self, message: dict[str, Any]) -> None:
         device = self.devices.get(str(message.get("line")))
@@ -202,6 +267,8 @@ class SimConnection:
 
     def _lost(self) -> None:
         """The sim process went away: every device on the connection is ``GONE``."""
+        if self.sock is None:
+            return
         self.owner.discard(self)
         for device in list(self.devices.values()):
             device.post(DeviceEvent.GONE)
@@ -218,6 +285,7 @@ class SimDevice:
         self._events: list[DeviceEvent] = []  # rarely more than one; a deque costs 600 B
         self._loop: asyncio.AbstractEventLoop | None = None
         self._on_event: Callable[[int], None] | None = None
+        self._opening: asyncio.Future[dict[str, Any]] | None = None
         if adopt is not None:  # re-adopted after a restart: the sim never noticed we left
             self.unmask_fd = adopt.pop("unmask", -1)
             close_all(adopt.values())  # not ours (an older eoid's per-device socket)
@@ -231,7 +299,10 @@ class SimDevice:
             return
         try:
             self.conn = connections.open(socket_path, self)
+            self._opening = self.conn.request(name, "open", line=line)
         except (OSError, EoidError) as e:
+            if hasattr(self, "conn"):
+                self.conn.remove(self)
             msg = e.strerror if isinstance(e, OSError) else str(e)
             raise DeviceError(name, "open", f"simulated line {line!r} at {socket_path}: {msg}"
                               " (is `eoid sim` running?)") from e
@@ -241,20 +312,51 @@ class SimDevice:
     def info(self) -> DeviceInfo:
         return self._info
 
-    def _call(self, op: str, fds: tuple[int, ...] = ()) -> None:
-        self.conn.call(self.name, op, fds, line=self.line)
+    def opening(self) -> asyncio.Future[None] | None:
+        """The sim's answer to ``open``: the device may start once it holds ``None``;
+        a ``DeviceError`` if the line is not available. None once settled (adopted)."""
+        asked = self._opening
+        if asked is None:
+            return None
+        self._opening = None
+        done: asyncio.Future[None] = self.conn.loop.create_future()
+
+        def settle(reply: asyncio.Future[dict[str, Any]]) -> None:
+            if done.done():
+                return
+            if reply.cancelled():
+                done.cancel()
+            elif (e := reply.exception()) is not None:
+                reason = e.reason if isinstance(e, SimRequestError) else str(e)
+                done.set_exception(DeviceError(self.name, "open", f"simulated line "
+                                               f"{self.line!r} at {self.conn.path}: {reason}"))
+            else:
+                done.set_result(None)
+        asked.add_done_callback(settle)
+        return done
+
+    def _send(self, op: str, fds: tuple[int, ...] = ()) -> None:
+        """A request the device needs to succeed: if it does not, the device is GONE (and
+        reopened by the daemon), as a VFIO device whose ioctl fails is taken down."""
+        def done(future: asyncio.Future[dict[str, Any]]) -> None:
+            if future.cancelled() or future.exception() is None:
+                return
+            if self.conn.devices.get(self.line) is self:  # not closed meanwhile
+                _LOG.warning("sim request failed; the device goes down", device=self.name,
+                             op=op, error=str(future.exception()))
+                self.post(DeviceEvent.GONE)
+        self.conn.request(self.name, op, fds, line=self.line).add_done_callback(done)
 
     def watch(self, loop: asyncio.AbstractEventLoop, on_event: Callable[[int], None]) -> None:
         """Deliver this device's events by calling ``on_event(fd)`` from ``loop``; it is to
         call ``read_event``. (No fd of its own to watch: the socket is shared.)"""
         self._loop, self._on_event = loop, on_event
-        self.conn.watch(loop)
         for _ in self._events:
             loop.call_soon(self._notify)
 
     def post(self, event: DeviceEvent) -> None:
         """An event for this device; it reaches ``on_event`` from the loop, never from
-        inside a call (which another device's request may be in the middle of)."""
+        inside another call."""
         self._events.append(event)
         if self._loop is not None:
             self._loop.call_soon(self._notify)
@@ -264,7 +366,7 @@ class SimDevice:
             self._on_event(self.conn.fileno())
 
     def enable(self, trigger_fd: int) -> None:
-        self._call("enable", fds=(trigger_fd, self.unmask_fd))
+        self._send("enable", fds=(trigger_fd, self.unmask_fd))
 
     def unmask(self) -> None:
         os.eventfd_write(self.unmask_fd, 1)
@@ -273,13 +375,16 @@ class SimDevice:
         return (self.unmask_fd, 0, b"")
 
     def mask(self) -> None:
-        self._call("mask")
+        self._send("mask")
 
     def disable(self) -> None:
-        self._call("disable")
+        self.conn.send(self.name, "disable", line=self.line)
 
     def close(self) -> None:
         self._on_event = None
+        if self._opening is not None:
+            self._opening.cancel()
+            self._opening = None
         self.conn.remove(self)
         if self.unmask_fd >= 0:
             os.close(self.unmask_fd)
@@ -293,3 +398,6 @@ class SimDevice:
 
     def held_fds(self) -> dict[str, int]:
         return {"unmask": self.unmask_fd}
+
+    def fd_for_consumer(self) -> int | None:
+        return None  # no device fd to share: the line lives in another process

@@ -10,14 +10,22 @@ One daemon connection serves any number of lines: ``open``, ``enable``, ``mask``
 ``disable`` and ``close`` name their ``line``, events (``{"event": "request", "line": …}``)
 name theirs, and a reply echoes the request's ``id``. A connection that closes takes
 its lines down, as closing a VFIO device fd does.
+
+Nothing here waits on the daemon: requests are read as they come and answered through
+an ``Outbox`` (a daemon that reads slowly gets its replies later, not never), and a
+guest attaches on a non-blocking socket whose answer the loop awaits, so a daemon busy
+starting up (or frozen) delays no other line and no other guest.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import math
 import os
+import random
+import resource
 import signal
 import socket
 import time
@@ -27,15 +35,21 @@ from typing import Any
 
 import structlog
 
-from eoid.control import ControlClient
 from eoid.device import drain_eventfd
 from eoid.errors import EoidError, ProtocolError
 from eoid.sim.line import SimLine
+from eoid.sim.outbox import Outbox
 from eoid.stats import Histogram
 from eoid.systemd import close_all
 from eoid.wire import recv_msg, send_msg
 
 TICK = 0.001  # load generator resolution: events due are raised in one batch per tick
+TICK_PER_LINE = 10e-6  # ...but longer with many lines: a tick visits them all (1024: 10 ms)
+# A guest waits this long for the answer to its attach (a daemon arming 1024 devices on a
+# busy host may take seconds; waiting costs nothing, giving up and retrying would churn).
+ATTACH_TIMEOUT = 60.0
+RETRY_FIRST, RETRY_MAX = 0.02, 1.0  # a guest's attach backoff, with jitter
+READ_BATCH = 64  # requests read per wake-up, so one busy connection cannot hold the loop
 
 
 @dataclass
@@ -65,7 +79,7 @@ class SimGuest:
         self.spec = spec
         self.control = control
         self.loop = loop
-        self.client: ControlClient | None = None
+        self.sock: socket.socket | None = None  # the attached control connection
         self.irq_fd = -1
         self.eoi_fd = -1
         self.in_service = False
@@ -81,58 +95,92 @@ class SimGuest:
 
     async def run(self) -> None:
         """Attach, and re-attach whenever the daemon goes away (with a short backoff)."""
-        delay = 0.05
+        delay = RETRY_FIRST
         while True:
-            if self.client is None:
+            if self.sock is None:
                 try:
-                    self._attach()
-                    delay = 0.05
+                    await self._attach()
+                    delay = RETRY_FIRST
                 except (EoidError, OSError) as e:
                     self._log.debug("attach failed", error=str(e))
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 1.0)
+                    await asyncio.sleep(delay * random.uniform(0.5, 1.5))
+                    delay = min(delay * 2, RETRY_MAX)
                     continue
             await asyncio.sleep(0.5)
 
-    def _attach(self) -> None:
-        client = ControlClient(self.control, timeout=2.0)
+    async def _attach(self) -> None:
+        """``attach`` on a non-blocking socket: the loop keeps serving every other line and
+        guest while the daemon answers (a unix connect completes at once or fails)."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC
+                             | socket.SOCK_NONBLOCK)
         try:
-            _, fds = client.request("attach", device=self.spec.device)
-        except Exception:
-            client.close()
+            sock.connect(str(self.control))
+            send_msg(sock, {"op": "attach", "id": 1, "device": self.spec.device})
+            async with asyncio.timeout(ATTACH_TIMEOUT):
+                reply, fds = await self._reply(sock)
+        except BaseException:
+            sock.close()
             raise
-        if len(fds) < 2:
-            client.close()
-            raise EoidError("attach reply without irq and eoi fds")
+        if not reply.get("ok") or len(fds) < 2:
+            close_all(fds)
+            sock.close()
+            raise EoidError(f"attach refused: {reply.get('error')}")
         self._close_fds()
         self.irq_fd, self.eoi_fd = fds[0], fds[1]
-        for extra in fds[2:]:
-            os.close(extra)
-        self.client = client
+        close_all(fds[2:])
+        self.sock = sock
         self.attaches += 1
         self.loop.add_reader(self.irq_fd, self._on_irq)
-        self.loop.add_reader(client.fileno(), self._on_control)
+        self.loop.add_reader(sock.fileno(), self._on_control)
         if self.spec.misbehaviour.spurious_eoi and self._spurious is None:
             self._spurious = self.loop.call_later(1 / self.spec.misbehaviour.spurious_eoi,
                                                   self._send_spurious)
         self._on_irq()  # an irq may already be waiting
 
-    def _on_control(self) -> None:
-        assert self.client is not None
+    async def _reply(self, sock: socket.socket) -> tuple[dict[str, Any], list[int]]:
+        """The reply to our request (events before it are logged), as the loop sees it."""
+        while True:
+            try:
+                received = recv_msg(sock, 1 << 20)
+            except (BlockingIOError, InterruptedError):
+                await self._readable(sock)
+                continue
+            if received is None:
+                raise EoidError("the daemon closed the connection")
+            message, fds = received
+            if "event" not in message:
+                return message, fds
+            close_all(fds)
+            self._log.info("daemon says", message=message)
+
+    async def _readable(self, sock: socket.socket) -> None:
+        ready: asyncio.Future[None] = self.loop.create_future()
+
+        def wake() -> None:
+            if not ready.done():
+                ready.set_result(None)
+        self.loop.add_reader(sock.fileno(), wake)
         try:
-            received = recv_msg(self.client.sock)
-        except (BlockingIOError, TimeoutError):
+            await ready
+        finally:
+            self.loop.remove_reader(sock.fileno())
+
+    def _on_control(self) -> None:
+        sock = self.sock
+        assert sock is not None
+        try:
+            received = recv_msg(sock, 1 << 20)
+        except (BlockingIOError, InterruptedError):
             return
         except (OSError, ProtocolError):
             received = None
         if received is None:  # the daemon is gone: keep our eventfds until it is back
-            self.loop.remove_reader(self.client.fileno())
-            self.client.close()
-            self.client = None
+            self.loop.remove_reader(sock.fileno())
+            sock.close()
+            self.sock = None
             return
         message, fds = received
-        for fd in fds:
-            os.close(fd)
+        close_all(fds)
         self._log.info("daemon says", message=message)
 
     def _on_irq(self) -> None:
@@ -185,7 +233,7 @@ class SimGuest:
         return {"irqs": self.irqs, "eois": self.eois, "spurious_eois_sent": self.spurious_sent,
                 "handled": self.handled, "attaches": self.attaches,
                 "in_service": self.in_service or self.owed_eoi,
-                "attached": self.client is not None,
+                "attached": self.sock is not None,
                 "assert_to_irq_p50_us": None if p50 is None else round(p50 * 1e6, 1),
                 "assert_to_irq_p99_us": None if p99 is None else round(p99 * 1e6, 1)}
 
@@ -214,6 +262,7 @@ class SimServer:
         self.started = time.monotonic()
         self._origin: dict[str, tuple[float, int]] = {}  # line → (load start, events raised)
         self._conns: dict[socket.socket, set[str]] = {}  # connection → the lines it opened
+        self._outboxes: dict[socket.socket, Outbox] = {}  # connection → what it has yet to read
         self._sock: socket.socket | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._log = structlog.get_logger("eoid.sim")
@@ -258,7 +307,7 @@ class SimServer:
             rate = self.specs[name].rate
             guest = self.guests.get(name)
             if not (self.loading and rate and line.enabled
-                    and (guest is None or guest.client is not None)):
+                    and (guest is None or guest.sock is not None)):
                 self._origin.pop(name, None)
                 continue
             origin, done = self._origin.setdefault(name, (now, 0))
@@ -273,7 +322,7 @@ class SimServer:
         """Tick only while some line has a rate: an idle sim uses no CPU."""
         if not self._ticking and self.loading and any(s.rate for s in self.specs.values()):
             self._ticking = True
-            self.loop.call_later(TICK, self._tick)
+            self.loop.call_later(max(TICK, TICK_PER_LINE * len(self.lines)), self._tick)
 
     # --- the socket ------------------------------------------------------------------------
 
@@ -282,15 +331,26 @@ class SimServer:
         while True:
             try:
                 conn, _ = self._sock.accept()
-            except BlockingIOError:
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:  # EMFILE: the connection waits in the backlog
+                self._log.warning("accept failed", error=e.strerror)
                 return
             conn.setblocking(False)
             self._conns[conn] = set()
+            self._outboxes[conn] = Outbox(conn, self.loop, functools.partial(self._failed, conn))
             self.loop.add_reader(conn.fileno(), self._readable, conn)
 
+    def _failed(self, conn: socket.socket, error: OSError) -> None:
+        """A reply could not be sent: the connection is dead (or broken); drop it."""
+        self.loop.call_soon(self._drop, conn)
+
     def _drop(self, conn: socket.socket) -> None:
-        for name in self._conns.pop(conn, set()):
+        if conn not in self._conns:
+            return
+        for name in self._conns.pop(conn):
             self._release(name)
+        self._outboxes.pop(conn).close()
         self.loop.remove_reader(conn.fileno())
         conn.close()
 
@@ -305,24 +365,26 @@ class SimServer:
         line.disable()
 
     def _readable(self, conn: socket.socket) -> None:
-        try:
-            received = recv_msg(conn)
-        except BlockingIOError:
-            return
-        except (OSError, ProtocolError):
-            received = None
-        if received is None:
-            self._drop(conn)
-            return
-        message, fds = received
-        try:
-            reply = self._handle(conn, message, fds)
-        except ProtocolError as e:
-            reply = {"ok": False, "error": {"code": e.code, "message": str(e)}}
-        if "id" in message:
-            reply["id"] = message["id"]
-        with contextlib.suppress(OSError):
-            send_msg(conn, reply)
+        for _ in range(READ_BATCH):
+            if conn not in self._conns:
+                return
+            try:
+                received = recv_msg(conn)
+            except (BlockingIOError, InterruptedError):
+                return
+            except (OSError, ProtocolError):
+                received = None
+            if received is None:
+                self._drop(conn)
+                return
+            message, fds = received
+            try:
+                reply = self._handle(conn, message, fds)
+            except ProtocolError as e:
+                reply = {"ok": False, "error": {"code": e.code, "message": str(e)}}
+            if "id" in message:
+                reply["id"] = message["id"]
+            self._outboxes[conn].send(reply)
 
     def _handle(self, conn: socket.socket, msg: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         """Answer one request; the fds that came with it are ours to keep or close."""
@@ -368,6 +430,12 @@ class SimServer:
 
     def _tool(self, msg: dict[str, Any]) -> dict[str, Any]:
         op = msg.get("op")
+        if op == "ping":  # answered in turn: all earlier requests on the connection are done
+            return {"ok": True}
+        if op == "summary":  # what ``stats`` says, counted: fits one message at any size
+            return {"ok": True, "lines": len(self.lines),
+                    "enabled": sum(line.enabled for line in self.lines.values()),
+                    "attached": sum(g.sock is not None for g in self.guests.values())}
         if op == "stats":
             return {"ok": True, "elapsed": time.monotonic() - self.started,
                     "loading": self.loading, "lines": self.stats()}
@@ -399,7 +467,7 @@ class SimServer:
             owner = self.owners.get(line.name)
             if owner is None:
                 raise ProtocolError("not_open", f"line {line.name!r} is not open")
-            send_msg(owner, {"event": op, "line": line.name})
+            self._outboxes[owner].send({"event": op, "line": line.name})
         else:
             raise ProtocolError("unknown_op", f"unknown op {op!r}")
         return {"ok": True, "line": line.counters()}
@@ -415,6 +483,10 @@ class SimServer:
 
 async def serve(socket_path: Path, specs: list[LineSpec], control: Path | None) -> None:
     """Run the sim process until SIGTERM or SIGINT."""
+    # Five fds a line with a guest (trigger, unmask, irq, eoi, its control connection):
+    # take the whole hard limit, as the daemon does.
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     loop = asyncio.get_running_loop()
     server = SimServer(socket_path, specs, control, loop)
     stop = asyncio.Event()

@@ -21,6 +21,7 @@ the type1v2, type1 or (for ``noiommu-N`` groups) no-IOMMU backend.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import os
@@ -318,6 +319,12 @@ class VfioDevice:
 
     def held_fds(self) -> dict[str, int]:
         return dict(self._fds)
+
+    def opening(self) -> None:
+        return None  # local kernel calls: open when constructed
+
+    def watch(self, loop: asyncio.AbstractEventLoop, on_event: Callable[[int], None]) -> None:
+        pass  # every event comes on ``event_fds``
 
     # --- extras -------------------------------------------------------------------
 

@@ -40,7 +40,7 @@ class Backend:
     def __init__(self, env: Env) -> None:
         self.env = env
         self.loop = asyncio.new_event_loop()
-        self.connections = SimConnections()
+        self.connections = SimConnections(self.loop)
         self.devices: dict[str, SimDevice] = {}
         self.triggers: dict[str, int] = {}
         self.events: dict[str, list[DeviceEvent | None]] = {}
@@ -48,12 +48,21 @@ class Backend:
     def open(self, line: str) -> SimDevice:
         device = SimDevice(line, line, self.env.sim_socket, "0000:00:10.0",
                            connections=self.connections)
+        opening = device.opening()
+        assert opening is not None
+        self.loop.run_until_complete(opening)
         self.devices[line] = device
         self.events[line] = []
         device.watch(self.loop, lambda fd: self.events[line].append(device.read_event(fd)))
         self.triggers[line] = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         device.enable(self.triggers[line])
+        self.settle(device)
         return device
+
+    def settle(self, device: SimDevice) -> None:
+        """Wait until the sim has handled every request sent on ``device``'s connection
+        (it answers them in turn), running the loop meanwhile."""
+        self.loop.run_until_complete(device.conn.request(device.name, "ping"))
 
     def run_until(self, predicate: Callable[[], object], what: str) -> None:
         """Run the loop (which delivers the events) until ``predicate()`` holds."""
@@ -107,6 +116,7 @@ def test_a_closed_device_frees_its_line_and_the_others_keep_theirs(backend: Back
     conn = backend.devices["dev0"].conn
     backend.devices.pop("dev0").close()
     os.close(backend.triggers.pop("dev0"))
+    backend.settle(backend.devices["dev1"])
     lines = backend.env.sim("stats")["lines"]
     assert not lines["dev0"]["enabled"] and lines["dev1"]["enabled"]
     again = backend.open("dev0")  # free on the sim again: not "busy"

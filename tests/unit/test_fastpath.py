@@ -8,7 +8,7 @@ import os
 import select
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -315,6 +315,15 @@ class FakeLine:
 
     def held_fds(self) -> dict[str, int]:
         return {}
+
+    def opening(self) -> None:
+        return None
+
+    def watch(self, loop: asyncio.AbstractEventLoop, on_event: Callable[[int], None]) -> None:
+        pass
+
+    def fd_for_consumer(self) -> None:
+        return None
 
     def deassert(self) -> None:
         self.line.level = max(0, self.line.level - 1)
