@@ -362,6 +362,9 @@ class Soak:
         self.h = Harness(opts, root)
         self.failures: list[str] = []
         self.events = {"kills": 0, "reloads": 0, "detaches": 0, "misbehaviour_episodes": 0}
+        # how the interrupt that fired into the full counter came back: forwarded once the
+        # consumer behaved ("irq"), or given up by eoid and re-armed on eoi_timeout ("unmask")
+        self.misbehaviour_outcomes = {"irq": 0, "unmask": 0}
         self.restart_seconds: list[float] = []
         self.last_restart = 0.0
         self.started = 0.0
@@ -520,8 +523,11 @@ class Soak:
             if _readable(irq, 0.05):
                 _read_count(irq)
                 os.eventfd_write(eoi, 1)
+                if not fired:
+                    self.misbehaviour_outcomes["irq"] += 1
                 break
             if not fired and _readable(unmask, 0):
+                self.misbehaviour_outcomes["unmask"] += 1
                 break
             if time.monotonic() > deadline:
                 raise SoakFailure(f"{bad}: no interrupt reached its consumer after it behaved")
@@ -572,6 +578,7 @@ class Soak:
             "devices": opts.devices, "rate": opts.rate, "duration_s": opts.duration,
             "misbehave": opts.misbehave, "loop": opts.loop,
             "events": {**self.events, "probes": self.prober.probes,
+                       "misbehaviour_outcomes": self.misbehaviour_outcomes,
                        "churn_every_s": opts.churn_every, "reload_every_s": opts.reload_every},
             "load": {k: load.get(k) for k in (
                 "fired", "completed", "lost", "in_flight", "skipped", "refires",
@@ -672,7 +679,8 @@ def render(summary: dict[str, Any]) -> str:
         f"{load['redelivered']}",
         f"  events: {ev['kills']} SIGKILL+restart (ready in {live['restart_s']} s), "
         f"{ev['reloads']} reloads, {ev['detaches']} detaches, "
-        f"{ev['misbehaviour_episodes']} misbehaving-consumer episodes, {ev['probes']} "
+        f"{ev['misbehaviour_episodes']} misbehaving-consumer episodes "
+        f"{ev['misbehaviour_outcomes']}, {ev['probes']} "
         f"status+/metrics probes (slowest {live['status_max_s']} s / "
         f"{live['metrics_max_s']} s, bound {live['bound_s']:g} s)",
     ]
