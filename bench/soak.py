@@ -348,7 +348,11 @@ class Prober(threading.Thread):
             self.harness.fetch_metrics()  # not parsed: parsing is the soak's time, not eoid's
             t2 = time.monotonic()
         except Exception as e:  # any failure to answer is the finding
-            self.hung = f"at {at:.1f}s the daemon did not answer: {type(e).__name__}: {e}"
+            proc = self.harness.proc
+            died = "" if proc is None or proc.poll() is None else \
+                f" (it exited with status {proc.returncode})"
+            self.hung = f"at {at:.1f}s the daemon did not answer{died}: " \
+                f"{type(e).__name__}: {e}"
             return
         self.status_max = max(self.status_max, t1 - t0)
         self.metrics_max = max(self.metrics_max, t2 - t1)
