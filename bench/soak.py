@@ -43,7 +43,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +57,7 @@ from eoid.systemd import close_all
 
 SATURATE = 0xFFFFFFFFFFFFFFFE  # an eventfd's largest count: one more write would block
 POLICIES = ("1s", "1500ms")  # eoi_timeout, alternated by each reload
+SAMPLE_EVERY = 0.5  # seconds between samples of the daemon's RSS and fds
 _START_TIMEOUT = 120.0
 _DRAIN = 60.0  # the pump's bound for what is in flight after its window (exits sooner)
 _RECONCILED = ("interrupts", "forwards", "eois", "unmasks")
@@ -312,7 +313,8 @@ class Harness:
 class Prober(threading.Thread):
     """Asks for status and /metrics every ``probe_every``; a probe that fails or takes
     longer than the liveness bound (except while the daemon is deliberately restarted)
-    means a hung daemon. After each probe it samples the daemon's RSS and fds."""
+    means a hung daemon. A second thread samples the daemon's RSS and fds every
+    ``SAMPLE_EVERY`` (a slow probe must not thin the samples out)."""
 
     def __init__(self, harness: Harness, started: float) -> None:
         super().__init__(name="soak-prober", daemon=True)
@@ -325,18 +327,32 @@ class Prober(threading.Thread):
         self.status_max = 0.0
         self.metrics_max = 0.0
         self.samples: list[Sample] = []
+        self.sample_lock = threading.Lock()  # held while sampling; a restart holds it too
+        self._sampler = threading.Thread(target=self._sample, name="soak-sampler", daemon=True)
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """No probe and no sample meanwhile (a deliberate restart)."""
+        with self.lock, self.sample_lock:
+            yield
 
     def run(self) -> None:
+        self._sampler.start()
         while not self.stopping.wait(self.harness.opts.probe_every):
             with self.lock:
                 self.probe()
+            if self.hung:
+                break
+        self._sampler.join()
+
+    def _sample(self) -> None:
+        while not self.stopping.wait(SAMPLE_EVERY):
+            with self.sample_lock:
                 proc = self.harness.proc
                 sample = None if proc is None else proc_sample(
                     proc.pid, time.monotonic() - self.started)
-                if sample is not None:
-                    self.samples.append(sample)
-            if self.hung:
-                return
+            if sample is not None:
+                self.samples.append(sample)
 
     def probe(self) -> None:
         bound = self.harness.opts.liveness_timeout
@@ -437,7 +453,7 @@ class Soak:
 
     def kill(self) -> None:
         assert self.prober is not None
-        with self.prober.lock:
+        with self.prober.paused():
             self.restart_seconds.append(self.h.kill_and_restart())
         self.events["kills"] += 1
         self.last_restart = self.now()
@@ -588,7 +604,10 @@ class Soak:
         since = max(self.last_restart + opts.warmup_seconds(),
                     opts.warmup_seconds())
         res = resources(self.prober.samples, since, opts.fd_tolerance)
-        if res.get("samples", 0) >= 3 and not res["fds_flat"]:
+        if res.get("samples", 0) < 3 and not hung:
+            self.failures.append(f"too few samples after warm-up to judge fds and RSS: "
+                                 f"{res.get('samples', 0)}; run longer or warm up less")
+        elif not res["fds_flat"]:
             self.failures.append(f"the daemon's fds grew: floor +{res['fd_floor_growth']} "
                                  f"({res['fds_first']} -> {res['fds_last']})")
         return {
