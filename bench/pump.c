@@ -9,7 +9,7 @@
  *
  * Usage:
  *     pump (--fds LIST | --fds-from FD) --mode closed|paced [--rate R]
- *          [--duration S] [--drain S] [--spin-us N]
+ *          [--duration S] [--drain S] [--spin-us N] [--level]
  * LIST is "trigger,irq,eoi,unmask;..." (see common.h).
  *   closed: every device fires, and fires again as soon as it is re-armed,
  *           all concurrently, for --duration seconds (default 3).
@@ -22,11 +22,20 @@
  * has a CPU of its own: it then keeps up at 100k/s and its own wakeups stay
  * out of the round trips; on the relay's CPU it would starve the relay.
  * Above the duration, the pump never sleeps.
+ * --level: model the line as vfio-pci presents a level-triggered one, for runs
+ * where the relay restarts or its consumers re-attach (bench/soak.py): an
+ * unmask of a line that is not masked is a no-op (counted, stray_unmasks); an
+ * unmask while the guest has not yet serviced the device re-signals the
+ * trigger (the line is still asserted: refires); an irq after the guest
+ * already ended the interrupt is a redelivery (a re-attach delivers a held
+ * interrupt again) that the guest acknowledges again (redelivered). The check
+ * is then that every fire completed (fire -> ... -> unmask, completed = fired,
+ * nothing in flight), not that the counters are equal.
  * Then, with no more fires, it waits up to --drain seconds (default 1) for
  * what is in flight, and prints one JSON line: counters, the firing window
  * and the fire -> unmask round-trip latency percentiles in microseconds.
  * Exit status 1 if fired, irq_received, eoi_sent and unmask_received
- * differ (an interrupt was lost or duplicated) or a syscall failed; 2 on a
+ * differ (with --level: if a fire did not complete) (an interrupt was lost or duplicated) or a syscall failed; 2 on a
  * usage error. SIGTERM/SIGINT end the firing window early.
  */
 #define _GNU_SOURCE
@@ -120,6 +129,8 @@ struct pump {
 	size_t n;
 	uint64_t fired, irq_received, eoi_sent, unmask_received;
 	uint64_t skipped, unexpected, errors, in_flight;
+	uint64_t completed, refires, stray_unmasks, redelivered;
+	int level;
 	struct hist lat;
 };
 
@@ -163,6 +174,13 @@ static void on_irq(struct pump *p, size_t i)
 	if (!v)
 		return;
 	p->irq_received += v;
+	if (p->level && p->dev[i].state == WAIT_UNMASK) {
+		/* Already ended: delivered again to a re-attached consumer. */
+		p->redelivered += v;
+		if (signal_one(p, p->q[i].eoi))
+			p->eoi_sent++;
+		return;
+	}
 	if (p->dev[i].state != WAIT_IRQ) {
 		/* Delivered twice, or without a fire: the relay is wrong. */
 		p->unexpected++;
@@ -182,10 +200,21 @@ static int on_unmask(struct pump *p, size_t i)
 	if (!v)
 		return 0;
 	p->unmask_received += v;
+	if (p->level && p->dev[i].state == ARMED) {
+		p->stray_unmasks += v; /* an unmasked line: no-op */
+		return 0;
+	}
+	if (p->level && p->dev[i].state == WAIT_IRQ) {
+		/* Still asserted, not yet serviced: the line fires again. */
+		if (signal_one(p, p->q[i].trigger))
+			p->refires++;
+		return 0;
+	}
 	if (p->dev[i].state != WAIT_UNMASK) {
 		p->unexpected++;
 		return 0;
 	}
+	p->completed++;
 	hist_add(&p->lat, now_ns() - p->dev[i].fired_at);
 	p->dev[i].state = ARMED;
 	p->in_flight--;
@@ -196,7 +225,7 @@ static void usage(void)
 {
 	fprintf(stderr,
 		"usage: %s (--fds LIST | --fds-from FD) --mode closed|paced [--rate R]\n"
-		"            [--duration S] [--drain S] [--spin-us N]\n",
+		"            [--duration S] [--drain S] [--spin-us N] [--level]\n",
 		progname);
 	exit(2);
 }
@@ -211,6 +240,7 @@ int main(int argc, char **argv)
 		{ "duration", required_argument, NULL, 'd' },
 		{ "drain", required_argument, NULL, 'D' },
 		{ "spin-us", required_argument, NULL, 's' },
+		{ "level", no_argument, NULL, 'l' },
 		{ "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
 	};
@@ -230,6 +260,7 @@ int main(int argc, char **argv)
 		case 'r': rate = (uint64_t)parse_long("--rate", optarg, 1, 1000000000); break;
 		case 'd': duration = parse_seconds("--duration", optarg); break;
 		case 'D': drain_s = parse_seconds("--drain", optarg); break;
+		case 'l': p.level = 1; break;
 		case 's': spin_ns = 1000 * (uint64_t)parse_long("--spin-us", optarg, 0, 1000000000); break;
 		default: usage();
 		}
@@ -337,8 +368,11 @@ int main(int argc, char **argv)
 
 	struct cpu_sample cpu1 = cpu_sample();
 	const double window = (double)(stopped - start) / 1e9;
-	const int ok = p.fired == p.irq_received && p.irq_received == p.eoi_sent &&
-		       p.eoi_sent == p.unmask_received && !p.unexpected && !p.errors;
+	const int equal = p.fired == p.irq_received && p.irq_received == p.eoi_sent &&
+			  p.eoi_sent == p.unmask_received;
+	const int ok = (p.level ? p.completed == p.fired && !p.in_flight : equal) &&
+		       !p.unexpected && !p.errors;
+	const uint64_t done = p.level ? p.completed : p.unmask_received;
 
 	printf("{\"prog\": \"pump\", \"mode\": \"%s\", \"devices\": %zu, \"rate\": ", mode, p.n);
 	if (paced)
@@ -349,12 +383,14 @@ int main(int argc, char **argv)
 	       "\"fired\": %" PRIu64 ", \"irq_received\": %" PRIu64 ", \"eoi_sent\": %" PRIu64 ", "
 	       "\"unmask_received\": %" PRIu64 ", \"skipped\": %" PRIu64 ", \"unexpected\": %" PRIu64 ", "
 	       "\"errors\": %" PRIu64 ", \"in_flight\": %" PRIu64 ", \"lost\": %" PRIu64 ", "
-	       "\"rate_achieved\": %.1f, "
+	       "\"completed\": %" PRIu64 ", \"refires\": %" PRIu64 ", \"stray_unmasks\": %" PRIu64 ", "
+	       "\"redelivered\": %" PRIu64 ", \"rate_achieved\": %.1f, "
 	       "\"p50_us\": %.2f, \"p99_us\": %.2f, \"p999_us\": %.2f, \"max_us\": %.2f, "
 	       "\"mean_us\": %.2f, \"cpu_us\": %.0f, \"ok\": %s}\n",
 	       window, (double)(now_ns() - stopped) / 1e9, p.fired, p.irq_received, p.eoi_sent,
 	       p.unmask_received, p.skipped, p.unexpected, p.errors, p.in_flight,
-	       p.fired > p.unmask_received ? p.fired - p.unmask_received : 0,
+	       p.fired > done ? p.fired - done : 0, p.completed, p.refires, p.stray_unmasks,
+	       p.redelivered,
 	       window > 0 ? (double)p.unmask_received / window : 0.0,
 	       hist_quantile_us(&p.lat, 0.50), hist_quantile_us(&p.lat, 0.99),
 	       hist_quantile_us(&p.lat, 0.999), (double)p.lat.max / 1e3,
