@@ -96,6 +96,10 @@ EoiTimeout = Annotated[int, BeforeValidator(parse_duration), AfterValidator(_wit
 Backoff = Annotated[int, BeforeValidator(parse_duration), AfterValidator(_within("1us", "1h"))]
 """A storm's deferred unmask; doubled up to ``backoff_max``, so at most 2h in flight."""
 Recovery = Annotated[int, BeforeValidator(parse_duration), AfterValidator(_within("1ms", "24h"))]
+BucketBound = Annotated[int, BeforeValidator(parse_duration), AfterValidator(_within("1us", "10s"))]
+"""A histogram bucket's upper bound: one of the recorded bounds (see ``check_buckets``)."""
+SummaryPeriod = Annotated[int, BeforeValidator(parse_duration),
+                          AfterValidator(_within("1s", "24h"))]
 
 
 _PCI_ADDRESS = re.compile(r"^[0-9a-fA-F]{4}:[0-9a-fA-F]{2}:[0-1][0-9a-fA-F]\.[0-7]$")
@@ -216,8 +220,8 @@ class MetricsConfig(_Strict):
     """``host:port`` for ``/metrics`` (``:port``: every interface); null turns it off."""
     per_device_histograms: Literal["none", "service", "all"] = "service"
     """Histograms exported per device; the others are daemon-wide (see README, Metrics)."""
-    service_buckets: tuple[Duration, ...] = SERVICE_BUCKETS_NS
-    overhead_buckets: tuple[Duration, ...] = BUCKETS_NS
+    service_buckets: tuple[BucketBound, ...] = SERVICE_BUCKETS_NS
+    overhead_buckets: tuple[BucketBound, ...] = BUCKETS_NS
     """Exported bounds of the service and of the dispatch/unmask histograms (recorded ones)."""
 
     @field_validator("service_buckets", "overhead_buckets")
@@ -245,7 +249,7 @@ class MetricsConfig(_Strict):
 class LogConfig(_Strict):
     format: LogFormat = LogFormat.AUTO
     level: Literal["debug", "info", "warning", "error"] = "info"
-    repeat_summary: Duration = 60 * 10**9
+    repeat_summary: SummaryPeriod = 60 * 10**9
     """Repeated warnings about one ongoing condition: the first is logged, the rest once
     per this period as a summary (``repeats=N``)."""
 
