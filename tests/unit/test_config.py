@@ -60,7 +60,7 @@ def test_every_problem_names_file_line_and_field(tmp_path: Path) -> None:
                                 "  colour: red\npolicy:\n  eoi_timeout: 5\n"),
     })
     assert found == [f"{tmp_path}/eoid.yaml:2: metrics.listen: 'nowhere' is not host:port "
-                     "(e.g. 127.0.0.1:9466 or [::1]:9466)"]
+                     "(e.g. 127.0.0.1:9466, [::1]:9466 or :9466)"]
     (tmp_path / "eoid.yaml").write_text("")
     found = problems(tmp_path, {})
     nic0 = f"{tmp_path}/devices.d/nic0.yaml"
