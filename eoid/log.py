@@ -156,9 +156,9 @@ def reconfigure(settings: LogConfig) -> None:
     REPEATS.every = settings.repeat_summary / 1e9
     if (new.fmt, new.level) == (old.fmt, old.level):
         return
-    changed = {"format": f"{old.fmt} -> {new.fmt}"} if new.fmt != old.fmt else {}
+    changed = {"log_format": f"{old.fmt} -> {new.fmt}"} if new.fmt != old.fmt else {}
     if new.level != old.level:
-        changed["level"] = f"{old.level} -> {new.level}"
+        changed["log_level"] = f"{old.level} -> {new.level}"
     verbose = min(old.level, new.level, key=_LEVELS.__getitem__)
     log = structlog.get_logger("eoid")
     if verbose == old.level:

@@ -84,7 +84,7 @@ def test_log_level_applies_on_reload_and_the_change_is_logged() -> None:
         wait_until(lambda: reloads(env) == 2, 10, "the second reload")
         events = env.log_events("daemon")
         changed = [e for e in events if e["message"] == "log settings changed"]
-        assert [e.get("level_") for e in changed] == ["debug -> warning"]
+        assert [e.get("log_level") for e in changed] == ["debug -> warning"]
         attached = [e for e in events if e["message"] == "consumer attached"]
         assert len(attached) == 1  # the second attach came after the level went to warning
         assert not [e for e in events if e["level"] in ("debug", "info")

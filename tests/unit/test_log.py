@@ -133,7 +133,7 @@ def test_reload_applies_the_level_and_says_so(logfile: TextIO) -> None:
     log.reconfigure(LogConfig(format=LogFormat.JSON, level="debug"))
     logger.debug("shown")
     log.reconfigure(LogConfig(format=LogFormat.JSON, level="debug"))  # no change: no line
-    got = [(e["message"], e["level"], e.get("level_")) for e in events(logfile)]
+    got = [(e["message"], e["level"], e.get("log_level")) for e in events(logfile)]
     assert got == [
         ("log settings changed", "info", "info -> error"),  # before the switch: still shown
         ("log settings changed", "debug", "error -> debug"),  # after the switch
