@@ -447,7 +447,7 @@ def test_a_missing_directory_is_created_safely_and_the_mode_is_set_at_bind(
     path = workdir / "a" / "b" / "control.sock"
     old = os.umask(0o077)  # systemd's UMask=0077
     try:
-        server, loop = _listen(path, socket_mode=0o640, socket_group=os.getegid())
+        server, loop = _listen(path, socket_mode="0640", socket_group=os.getegid())
     finally:
         os.umask(old)
     try:
