@@ -260,29 +260,33 @@ class Server:
             now = time.monotonic()
             conn = _Conn(sock, now + self.read_timeout, now)
             self._reading[conn] = None
-            self._sel.register(sock, selectors.EVENT_READ, conn)
-            self._read(conn)  # the request is often there already
+            # the request (or the client's close) is often there already: then the
+            # connection is answered or gone without a round through the selector
+            if self._read(conn) and conn in self._reading:
+                self._sel.register(sock, selectors.EVENT_READ, conn)
 
-    def _read(self, conn: _Conn) -> None:
+    def _read(self, conn: _Conn) -> bool:
+        """Read what ``conn`` sent; False once it is closed or answered."""
         try:
             data = conn.sock.recv(MAX_REQUEST + 1 - len(conn.inbox))
         except (BlockingIOError, InterruptedError):
-            return
+            return True
         except OSError:
             data = b""
         if not data:
             self._drop(conn)
-            return
+            return False
         conn.inbox += data
         end = conn.inbox.find(b"\r\n\r\n")
         if end < 0:
             if len(conn.inbox) > MAX_REQUEST:
                 self._respond(conn, _plain(431, "request too large\n"))
-            return
+                return False
+            return True
         request = parse_request(bytes(conn.inbox[:end]))
         if request is None:
             self._respond(conn, _plain(400, "bad request\n"))
-            return
+            return False
         conn.head = request.method == "HEAD"
         try:
             answer = self.route(request)
@@ -290,15 +294,17 @@ class Server:
             answer = _plain(500, f"error: {e}\n")
         if isinstance(answer, Response):
             self._respond(conn, answer)
-            return
+            return False
         del self._reading[conn]
-        self._sel.unregister(conn.sock)
+        with contextlib.suppress(KeyError, ValueError):
+            self._sel.unregister(conn.sock)
         waiting = self._waiting.get(answer.key)
         if waiting is not None:
             waiting.append(conn)  # the answer being made serves this request too
         else:
             self._waiting[answer.key] = [conn]
             self._todo.put(answer)
+        return False
 
     def _finished(self) -> None:
         with contextlib.suppress(BlockingIOError):
@@ -306,18 +312,19 @@ class Server:
         while not self._done.empty():
             key, response = self._done.get()
             for conn in self._waiting.pop(key, []):
-                self._respond(conn, response, registered=False)
+                self._respond(conn, response)
 
-    def _respond(self, conn: _Conn, response: Response, registered: bool = True) -> None:
+    def _respond(self, conn: _Conn, response: Response) -> None:
         self._reading.pop(conn, None)
         conn.out = memoryview(encode_response(response, conn.head))
         conn.deadline = time.monotonic() + self.write_timeout
         self._writing[conn] = None
-        if registered:
-            self._sel.modify(conn.sock, selectors.EVENT_WRITE, conn)
-        else:
-            self._sel.register(conn.sock, selectors.EVENT_WRITE, conn)
         self._write(conn)
+        if conn in self._writing:  # the rest when the socket takes it
+            try:
+                self._sel.modify(conn.sock, selectors.EVENT_WRITE, conn)
+            except KeyError:
+                self._sel.register(conn.sock, selectors.EVENT_WRITE, conn)
 
     def _write(self, conn: _Conn) -> None:
         assert conn.out is not None
