@@ -235,7 +235,8 @@ class MetricsConfig(_Strict):
         if v is not None:
             m = _LISTEN.match(v)
             if not m or int(m.group(2)) > 65535:
-                raise ValueError(f"{v!r} is not host:port (e.g. 127.0.0.1:9466 or [::1]:9466)")
+                raise ValueError(f"{v!r} is not host:port "
+                                 "(e.g. 127.0.0.1:9466, [::1]:9466 or :9466)")
         return v
 
     def address(self) -> tuple[str, int] | None:
