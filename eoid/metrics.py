@@ -34,12 +34,10 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.utils import floatToGoString
 
 from eoid import __version__
-from eoid.channel import State
 from eoid.config import MetricsConfig
 from eoid.httpserve import Render, Request, Response, Server
 from eoid.stats import ERROR_OPS, DeviceStats, Histogram, cuts
 
-STATES = tuple(s.name.lower() for s in State)
 TEXT = "text/plain; version=0.0.4; charset=utf-8"
 OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 GZIP_LEVEL = 1
