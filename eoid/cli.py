@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("check-config", help="validate the configuration",
                        description="Validate eoid.yaml and every device file; print each "
-                       "problem as file:line: field: message. Exit 0 if valid, 78 if not.")
+                       "problem as file:line[:column]: field: message. Exit 0 if valid, 78 if not.")
     _config_arg(p)
     p.add_argument("--probe", action="store_true",
                    help="also check each VFIO device on this host (bound, INTx, IOMMU group)")

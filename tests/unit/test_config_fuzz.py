@@ -54,6 +54,12 @@ MAX_RATE = (1.0, 1e9)
 BURST = (1, 1_000_000)
 MAX_ID = 2**32 - 2
 MESSAGE_BYTES = (1024, 1 << 20)
+CONNECTIONS = (1, 65536)
+BUCKET = (NS["us"], 10 * NS["s"])
+REPEAT_SUMMARY = (NS["s"], 24 * NS["h"])
+RECORDED = ["1us", "2.5us", "5us", "10us", "25us", "50us", "100us", "250us", "500us", "1ms",
+            "2.5ms", "5ms", "10ms", "25ms", "50ms", "100ms", "250ms", "500ms", "1s", "2.5s",
+            "5s", "10s"]
 
 # --- generation: a seed from hypothesis, the structure from ``random.Random(seed)`` --------
 # (one draw per tree: hypothesis manages the examples and replays a failure from its seed,
@@ -140,15 +146,23 @@ def daemon_doc(rng: random.Random) -> dict[str, Any]:
             "socket": rng.choice(["/run/eoid/control.sock", "/tmp/c.sock"]),
             "socket_mode": rng.choice(["0660", "0600", "0777", "660"]),
             "max_message_bytes": rng.randint(*MESSAGE_BYTES),
+            "max_connections_per_uid": rng.choice([1, 256, CONNECTIONS[1]]),
         }
         if maybe(rng):
             doc["control"]["status"] = {"uids": ids(rng), "gids": ids(rng)}
     if maybe(rng):
         doc["metrics"] = {"listen": rng.choice(
-            ["127.0.0.1:9466", "[::1]:0", None, "localhost:65535"])}
+            ["127.0.0.1:9466", "[::1]:0", None, "localhost:65535", ":9466"])}
+        if maybe(rng):
+            doc["metrics"]["per_device_histograms"] = rng.choice(["none", "service", "all"])
+        for key in ("service_buckets", "overhead_buckets"):
+            if maybe(rng):
+                doc["metrics"][key] = sorted(rng.sample(RECORDED, rng.randint(1, 8)),
+                                             key=RECORDED.index)
     if maybe(rng):
         doc["log"] = {"format": rng.choice(["auto", "json", "console"]),
-                      "level": rng.choice(["debug", "info", "warning", "error"])}
+                      "level": rng.choice(["debug", "info", "warning", "error"]),
+                      "repeat_summary": rng.choice(["1s", "60s", "24h"])}
     if maybe(rng):
         doc["loop"] = rng.choice(["uvloop", "asyncio"])
     if maybe(rng):
@@ -308,6 +322,12 @@ def check_bounds(config: Config) -> None:
     control = config.daemon.control
     assert 0 <= control.socket_mode <= 0o777
     assert within(control.max_message_bytes, MESSAGE_BYTES)
+    assert within(control.max_connections_per_uid, CONNECTIONS)
+    metrics = config.daemon.metrics
+    for buckets in (metrics.service_buckets, metrics.overhead_buckets):
+        assert buckets and list(buckets) == sorted(set(buckets))
+        assert all(within(b, BUCKET) for b in buckets)
+    assert within(config.daemon.log.repeat_summary, REPEAT_SUMMARY)
     for path in (control.socket, config.daemon.sim.socket):
         raw = os.fsencode(path)
         assert len(raw) <= 107 and b"\0" not in raw
