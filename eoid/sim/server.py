@@ -4,7 +4,8 @@ The process serves its lines on a unix socket to the daemon's sim backend, gener
 load on them, and can attach a simulated guest to each device through the daemon's
 control socket exactly as a VMM would. A guest services its device (acks it, which
 drops the line) and then writes the EOI; that is the same order a real driver uses.
-Tools talk to the same socket: ``stats``, ``quiesce``, ``raise``, ``request`` and ``set``.
+Tools talk to the same socket: ``stats`` (``summary``: its counts only, for any number
+of lines), ``quiesce``, ``raise``, ``request``, ``set`` and ``ping``.
 
 One daemon connection serves any number of lines: ``open``, ``enable``, ``mask``,
 ``disable`` and ``close`` name their ``line``, events (``{"event": "request", "line": …}``)
@@ -437,6 +438,9 @@ class SimServer:
                     "enabled": sum(line.enabled for line in self.lines.values()),
                     "attached": sum(g.sock is not None for g in self.guests.values())}
         if op == "stats":
+            for sim_line in self.lines.values():  # unmasks already signalled count too: a
+                if sim_line.unmask_fd >= 0:  # reader may hold them, not yet run this turn
+                    sim_line.on_unmask()
             return {"ok": True, "elapsed": time.monotonic() - self.started,
                     "loading": self.loading, "lines": self.stats()}
         if op in ("heal", "quiesce"):  # stop misbehaving; quiesce also stops the load
