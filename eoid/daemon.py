@@ -43,7 +43,6 @@ REOPEN_INITIAL = 1.0
 REOPEN_MAX = 30.0
 EXTEND_EVERY = 5.0  # seconds of start-up between EXTEND_TIMEOUT_USEC messages
 GIL_SWITCH_INTERVAL = 0.0005  # seconds; see run_daemon
-YIELD_EVERY = 32  # devices armed at start-up between two turns of the loop
 
 
 def open_backend(device: DeviceConfig, daemon: DaemonConfig, sims: SimConnections,
@@ -159,10 +158,8 @@ class Daemon:
                 raise EoidError(f"cannot serve metrics on {self.config.daemon.metrics.listen}: "
                                 f"{e.strerror}") from e
         arming = begun = time.monotonic()
-        for n, device in enumerate(self.config.devices.values(), 1):
+        for device in self.config.devices.values():
             self._add(device)
-            if n % YIELD_EVERY == 0:  # serve the sims' answers and the consumers meanwhile
-                await asyncio.sleep(0)
             if time.monotonic() - begun > EXTEND_EVERY:  # many slow devices: keep systemd patient
                 self.notify(self.notifier.extend_timeout, 2 * EXTEND_EVERY)
                 begun = time.monotonic()

@@ -192,13 +192,20 @@ class Demo:
                     "--service-time", a.service_time, *misbehave)
         self._wait(self.sim_socket, "sim")
         self._spawn("daemon", "run", "-c", str(self.config))
-        self._wait(self.control, "daemon")
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            status = self.status()
-            if all(d["up"] and d["consumer"] for d in status["devices"]):
-                return
-            time.sleep(0.05)
+        try:
+            self._wait(self.control, "daemon")
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                status = self.status()
+                if all(d["up"] and d["consumer"] for d in status["devices"]):
+                    return
+                time.sleep(0.05)
+        except (OSError, EoidError) as e:  # a daemon that died on the way says why
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.procs["daemon"].wait(2)
+            if self.procs["daemon"].poll() is not None:
+                raise EoidError(f"the daemon did not start: {self.last_words('daemon')}") from e
+            raise
         raise EoidError("devices did not come up with their guests attached in 20 s")
 
     def _wait(self, path: Path, role: str) -> None:

@@ -12,13 +12,14 @@ one loop reader only, so ``event_fds`` is empty); an EOF is ``GONE`` for every d
 
 A sim is another process, so the daemon never waits for it: requests are sent without
 blocking (``Outbox``), their replies arrive on the loop like any event, and each has a
-deadline: it fails once the sim has been silent for ``REQUEST_TIMEOUT`` (far below an EOI
-deadline) since the request was made. The sim answers in turn, so a request queued behind
-many others (1024 opens at start-up) waits while the sim keeps answering the ones before
-it, but a frozen sim is found out within ``REQUEST_TIMEOUT``. Either way only that sim's
-devices wait. Opening a line is the one request whose answer matters
-before the device may start (``opening``); a later request that fails or gets no answer
-takes its device down (``GONE``), and the daemon reopens it with a backoff.
+deadline: it fails once the sim has been silent (answered nothing and taken no request)
+for ``REQUEST_TIMEOUT`` (far below an EOI deadline) since the request was made. The sim
+answers in turn, so a request queued behind many others (1024 opens at start-up) waits
+while the sim keeps answering the ones before it, but a frozen sim is found out within
+``REQUEST_TIMEOUT``. Either way only that sim's devices wait. Opening a line is the one
+request whose answer matters before the device may start (``opening``); a later request
+that fails or gets no answer takes its device down (``GONE``), and the daemon reopens it
+with a backoff.
 """
 
 from __future__ import annotations
@@ -193,7 +194,8 @@ class SimConnection:
         self._readable(limit=None)
         now = self.loop.time()
         for future, made, name, op in list(self._pending.values()):
-            deadline = max(made, self._heard) + REQUEST_TIMEOUT
+            # silent: nothing heard, nothing taken (a sim that takes requests is alive)
+            deadline = max(made, self._heard, self._outbox.sent_at) + REQUEST_TIMEOUT
             if deadline > now:
                 self._timer = self.loop.call_at(deadline, self._expire)
                 return

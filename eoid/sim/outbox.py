@@ -32,6 +32,7 @@ class Outbox:
         self._queue: deque[tuple[dict[str, Any], list[int]]] = deque()
         self._writing = False
         self._failed = False
+        self.sent_at = loop.time()  # when the peer last took a message: it is alive
 
     def __len__(self) -> int:
         return len(self._queue)
@@ -43,6 +44,7 @@ class Outbox:
         if not self._queue:
             try:
                 send_msg(self.sock, message, fds)
+                self.sent_at = self.loop.time()
                 return
             except (BlockingIOError, InterruptedError):
                 pass
@@ -66,6 +68,7 @@ class Outbox:
                 return
             self._queue.popleft()
             close_all(fds)
+            self.sent_at = self.loop.time()
         self._stop_writing()
 
     def _fail(self, error: OSError) -> None:

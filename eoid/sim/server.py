@@ -4,7 +4,8 @@ The process serves its lines on a unix socket to the daemon's sim backend, gener
 load on them, and can attach a simulated guest to each device through the daemon's
 control socket exactly as a VMM would. A guest services its device (acks it, which
 drops the line) and then writes the EOI; that is the same order a real driver uses.
-Tools talk to the same socket: ``stats``, ``quiesce``, ``raise``, ``request`` and ``set``.
+Tools talk to the same socket: ``stats`` (``summary``: its counts only, for any number
+of lines), ``quiesce``, ``raise``, ``request``, ``set`` and ``ping``.
 
 One daemon connection serves any number of lines: ``open``, ``enable``, ``mask``,
 ``disable`` and ``close`` name their ``line``, events (``{"event": "request", "line": …}``)
@@ -49,6 +50,9 @@ TICK_PER_LINE = 10e-6  # ...but longer with many lines: a tick visits them all (
 # busy host may take seconds; waiting costs nothing, giving up and retrying would churn).
 ATTACH_TIMEOUT = 60.0
 RETRY_FIRST, RETRY_MAX = 0.02, 1.0  # a guest's attach backoff, with jitter
+# Attaches in flight at once: 1024 guests connecting together would overflow the control
+# socket's backlog and spin on EAGAIN; in turns they keep it short.
+ATTACHING = 32
 READ_BATCH = 64  # requests read per wake-up, so one busy connection cannot hold the loop
 
 
@@ -74,9 +78,11 @@ class SimGuest:
     """A guest driver for one device, attached through eoid's control socket."""
 
     def __init__(self, line: SimLine, spec: LineSpec, control: Path,
-                 loop: asyncio.AbstractEventLoop) -> None:
+                 loop: asyncio.AbstractEventLoop, turns: asyncio.Semaphore | None = None,
+                 ) -> None:
         self.line = line
         self.spec = spec
+        self.turns = turns or asyncio.Semaphore(1)  # attaches in flight, shared by guests
         self.control = control
         self.loop = loop
         self.sock: socket.socket | None = None  # the attached control connection
@@ -99,7 +105,8 @@ class SimGuest:
         while True:
             if self.sock is None:
                 try:
-                    await self._attach()
+                    async with self.turns:
+                        await self._attach()
                     delay = RETRY_FIRST
                 except (EoidError, OSError) as e:
                     self._log.debug("attach failed", error=str(e))
@@ -256,7 +263,8 @@ class SimServer:
         self.specs = {s.name: s for s in specs}
         self.lines = {s.name: SimLine(s.name) for s in specs}
         self.owners: dict[str, socket.socket] = {}  # line → the daemon connection using it
-        self.guests = {s.name: SimGuest(self.lines[s.name], s, control, loop)
+        turns = asyncio.Semaphore(ATTACHING)
+        self.guests = {s.name: SimGuest(self.lines[s.name], s, control, loop, turns)
                        for s in specs} if control else {}
         self.loading = True
         self.started = time.monotonic()
@@ -437,6 +445,9 @@ class SimServer:
                     "enabled": sum(line.enabled for line in self.lines.values()),
                     "attached": sum(g.sock is not None for g in self.guests.values())}
         if op == "stats":
+            for sim_line in self.lines.values():  # unmasks already signalled count too: a
+                if sim_line.unmask_fd >= 0:  # reader may hold them, not yet run this turn
+                    sim_line.on_unmask()
             return {"ok": True, "elapsed": time.monotonic() - self.started,
                     "loading": self.loading, "lines": self.stats()}
         if op in ("heal", "quiesce"):  # stop misbehaving; quiesce also stops the load

@@ -192,7 +192,7 @@ def test_1024_devices_with_guests_come_up_within_10s() -> None:
         sim = env.eoid("sim", "-c", str(env.config), "--rate", "10", log="sim.log")
         daemon = env.eoid("run", "-c", str(env.config), log="daemon.log")
         assert wait_for_socket(env.control, 20, lambda: daemon.poll() is None), env.log("daemon")
-        assert sim.poll() is None, env.log("sim")
+        assert wait_for_socket(env.sim_socket, 20, lambda: sim.poll() is None), env.log("sim")
 
         def up() -> bool:  # the sim's count: a status reply for 1024 devices is too large
             summary = env.sim("summary")

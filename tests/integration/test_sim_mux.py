@@ -19,7 +19,7 @@ import pytest
 from eoid.device import DeviceEvent
 from eoid.errors import DeviceError
 from eoid.fdstore import sim_fd_name
-from eoid.sim.backend import SimConnections, SimDevice
+from eoid.sim.backend import REQUEST_TIMEOUT, SimConnections, SimDevice
 from eoid.testing import FakeSystemd
 from tests.helpers import Consumer, Env, environment, wait_until
 from tests.integration.test_restart import Supervised
@@ -219,3 +219,22 @@ def test_restart_adopts_the_shared_connection(sim_env: Env) -> None:
                 assert vm.wait_irq() == 1
         finally:
             daemon.stop()
+
+
+def test_a_frozen_sim_fails_a_request_without_blocking_and_the_device_goes(backend: Backend,
+                                                                          ) -> None:
+    device = backend.open("dev0")
+    sim = backend.env.procs[0]
+    os.kill(sim.pid, signal.SIGSTOP)
+    try:
+        began = time.monotonic()
+        device.mask()  # sent, not waited for
+        assert time.monotonic() - began < 0.05
+        backend.run_until(lambda: backend.events["dev0"], "GONE")
+        took = time.monotonic() - began
+        assert backend.events["dev0"] == [DeviceEvent.GONE]
+        assert REQUEST_TIMEOUT <= took < REQUEST_TIMEOUT + 1.0
+    finally:
+        os.kill(sim.pid, signal.SIGCONT)
+    other = backend.open("dev1")  # the sim answers again, on the same connection
+    assert other.conn is device.conn
