@@ -766,6 +766,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    kills=a.kills, churn_every=a.churn_every, reload_every=a.reload_every,
                    misbehave_every=a.misbehave_every, liveness_timeout=a.liveness_timeout,
                    warmup=a.warmup, fd_tolerance=a.fd_tolerance, loop=a.loop, keep=a.keep)
+    # a SIGTERM (e.g. timeout(1)) unwinds like Ctrl-C: the daemon and the pump are stopped
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     summary = soak(opts)
     print(json.dumps(summary, indent=2) if a.json else render(summary), flush=True)
     return 0 if summary["ok"] else 1
