@@ -22,6 +22,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import functools
 import os
 import select
 import socket
@@ -94,12 +95,26 @@ def same_file(a: int, b: int) -> bool:
     """
     if a == b:
         return True
-    libc = ctypes.CDLL(None, use_errno=True)
     pid = os.getpid()
-    result = int(libc.syscall(_SYS_KCMP, pid, pid, _KCMP_FILE, a, b))
+    result = int(_libc().syscall(_SYS_KCMP, pid, pid, _KCMP_FILE, a, b))
     if result >= 0:
         return result == 0
     return same_file_by_fstat(a, b)
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _file_key(fd: int) -> tuple[int, int, int, str]:
+    """What two fds of one open file description share (inode, and an eventfd's id): the
+    store compares an fd with ``same_file`` only against those with the same key, so
+    storing thousands of fds stays linear (every eventfd is the one anon inode)."""
+    st = os.fstat(fd)
+    info = Path(f"/proc/self/fdinfo/{fd}").read_text().splitlines()
+    eventfd = next((line for line in info if line.startswith("eventfd-id:")), "")
+    return st.st_dev, st.st_ino, st.st_rdev, eventfd
 
 
 def same_file_by_fstat(a: int, b: int) -> bool:
@@ -185,6 +200,7 @@ class FakeSystemd:
         self.last_watchdog: float | None = None
         self.extend_timeout_usec: int | None = None
         self._store: list[tuple[str, int]] = []
+        self._by_key: dict[tuple[int, int, int, str], list[int]] = {}  # see ``_file_key``
 
     # -- lifetime ---------------------------------------------------------------------
 
@@ -194,6 +210,7 @@ class FakeSystemd:
         for _, fd in self._store:
             os.close(fd)
         self._store.clear()
+        self._by_key.clear()
         if self._path is not None:
             self._path.unlink(missing_ok=True)
         if self._tmpdir is not None:
@@ -328,13 +345,15 @@ class FakeSystemd:
     def _add(self, name: str, fds: list[int]) -> list[int]:
         kept = []
         for fd in fds:
-            if any(same_file(fd, old) for _, old in self._store):
+            alike = self._by_key.setdefault(_file_key(fd), [])
+            if any(same_file(fd, old) for old in alike):
                 os.close(fd)  # re-sending a stored fd is a no-op in PID 1
                 continue
             if self.fdstore_max is not None and len(self._store) >= self.fdstore_max:
                 os.close(fd)  # "Too many stored file descriptors", PID 1 drops the rest
                 continue
             self._store.append((name, fd))
+            alike.append(fd)
             kept.append(fd)
         return kept
 
@@ -343,6 +362,7 @@ class FakeSystemd:
         keep = []
         for entry in self._store:
             if entry[0] == name:
+                self._by_key[_file_key(entry[1])].remove(entry[1])
                 os.close(entry[1])
             else:
                 keep.append(entry)

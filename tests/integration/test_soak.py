@@ -37,7 +37,8 @@ def test_soak_60s_loses_nothing_and_leaks_nothing(tmp_path: Path) -> None:
     # how much of the schedule fits in 60 s depends on the machine: that each thing happened
     assert load["completed"] == load["fired"] > 2000
     assert events["kills"] == 2 and len(summary["liveness"]["restart_s"]) == 2
-    assert events["reloads"] >= 1 and events["detaches"] >= 2 and events["probes"] >= 1
+    assert events["reloads"] >= 1 and events["detaches"] >= 2
+    assert events["probes"] >= 1 and events["scrapes"] >= 1
     assert events["misbehaviour_episodes"] >= 1 if MISBEHAVE else \
         events["misbehaviour_episodes"] == 0
     assert summary["liveness"]["hung"] is None
