@@ -25,6 +25,10 @@ class State(enum.IntEnum):
     PENDING = 2  # fired and forwarded; line masked until the consumer's EOI
     HELD = 3  # fired with no consumer attached; line stays masked until one attaches
     THROTTLED = 4  # EOI seen during a storm; the unmask is deferred by the backoff
+    # What the runner shows instead of the channel's own state; the channel never enters
+    # these (its line goes on as before underneath):
+    FAULTED = 5  # the device reported an error: no unmask until it is reset or reopened
+    ABANDONED = 6  # HELD for longer than ``policy.held_timeout``: no consumer came for it
 
 
 # Module-level aliases: cheaper to reach on the hot path than attributes of the enum class.

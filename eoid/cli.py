@@ -1,7 +1,8 @@
 """The ``eoid`` command line. It builds a configuration and calls into the package; no logic.
 
-Exit codes follow sysexits.h where one fits: 0 ok, 1 failure, 2 usage, 69 the daemon is
-unavailable (EX_UNAVAILABLE), 78 a bad configuration (EX_CONFIG).
+Exit codes follow sysexits.h where one fits: 0 ok, 1 failure (for ``status``: a device needs
+attention), 2 usage, 69 the daemon is unavailable (EX_UNAVAILABLE), 77 not permitted
+(EX_NOPERM), 78 a bad configuration (EX_CONFIG; for ``reload``: the daemon rejected it).
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from eoid import __version__
-from eoid.config import Config, LogFormat, load_config, parse_duration
+from eoid.config import Config, LogFormat, load_config, load_daemon_config, parse_duration
 from eoid.errors import ConfigError, EoidError, ProtocolError
 from eoid.stats import human_seconds
 
-EX_OK, EX_FAIL, EX_USAGE, EX_UNAVAILABLE, EX_CONFIG = 0, 1, 2, 69, 78
+EX_OK, EX_FAIL, EX_USAGE, EX_UNAVAILABLE, EX_NOPERM, EX_CONFIG = 0, 1, 2, 69, 77, 78
+UNHEALTHY = ("down", "faulted", "abandoned")
+"""Device states that make ``eoid status`` exit 1 (and a stuck interrupt does too)."""
 DEFAULT_CONFIG = Path(os.environ.get("EOID_CONFIG", "/etc/eoid/eoid.yaml"))
 
 
@@ -31,7 +34,8 @@ def _config_arg(p: argparse.ArgumentParser) -> None:
 
 def _socket_args(p: argparse.ArgumentParser) -> None:
     _config_arg(p)
-    p.add_argument("--socket", type=Path, help="the control socket (default: from the config)")
+    p.add_argument("--socket", type=Path, help="the control socket (default: from the config's "
+                   "daemon settings; the device files are not read)")
 
 
 def _misbehaviour_args(p: argparse.ArgumentParser) -> None:
@@ -48,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="eoid", description="Relay VFIO INTx interrupts and their EOIs between passthrough "
         "devices and their VMMs, and measure every step for Prometheus.")
-    parser.add_argument("--version", action="version", version=f"eoid {__version__}")
+    parser.add_argument("--version", action=_Version, nargs=0,
+                        help="show eoid's version and build, and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("run", help="run the daemon", description="Run the daemon in the "
@@ -66,12 +71,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also check each VFIO device on this host (bound, INTx, IOMMU group)")
 
     p = sub.add_parser("status", help="show the running daemon's devices",
-                       description="Ask the running daemon for every device's state.")
+                       description="Ask the running daemon for every device's state and "
+                       "the last reload's result. Exit 0 if every device relays, 1 if one "
+                       "is down, faulted, abandoned or stuck (a monitoring check), 69 if "
+                       "no daemon answers, 77 if not permitted.")
     _socket_args(p)
     p.add_argument("--json", action="store_true", help="print the raw JSON reply")
 
-    p = sub.add_parser("reload", help="make the running daemon reload its configuration")
+    p = sub.add_parser("reload", help="make the running daemon reload its configuration",
+                       description="Ask the running daemon to reload its configuration and "
+                       "report the result: exit 0 if applied, 78 if the daemon rejected it "
+                       "(its problems are printed; the running configuration stays).")
     _socket_args(p)
+
+    p = sub.add_parser("reset", help="reset a device and reopen it",
+                       description="Reset the device where its backend can "
+                       "(VFIO_DEVICE_RESET), then reopen it: clears a fault (after a device "
+                       "error) and drops an interrupt held for no consumer. Root or the "
+                       "daemon's user only.")
+    _socket_args(p)
+    p.add_argument("device", help="the device's name")
 
     p = sub.add_parser("devices", help="list PCI devices usable with vfio-pci INTx",
                        description="List PCI devices bound to vfio-pci (and those that could "
@@ -115,6 +134,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Version(argparse.Action):
+    """``--version``, worked out only when asked."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: object, option_string: str | None = None) -> None:
+        print(build_description())
+        parser.exit()
+
+
+def build_description() -> str:
+    """The version and what it was built and runs with (for bug reports)."""
+    import platform
+    from importlib import metadata
+
+    from eoid import _fastpath
+
+    def dist(name: str) -> str:
+        try:
+            return f"{name} {metadata.version(name)}"
+        except metadata.PackageNotFoundError:
+            return f"{name} missing"
+
+    return "\n".join([
+        f"eoid {__version__}",
+        f"python {platform.python_version()} ({platform.python_implementation()}), "
+        f"{platform.system()} {platform.release()} {platform.machine()}",
+        f"fast path: {getattr(_fastpath, '__file__', '?')}",
+        ", ".join(dist(n) for n in ("uvloop", "pydantic", "prometheus-client", "structlog")),
+    ])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -122,10 +172,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         for problem in e.problems:
             print(problem, file=sys.stderr)
-        return EX_CONFIG
+        return EX_NOPERM if isinstance(e.__cause__, PermissionError) else EX_CONFIG
     except ProtocolError as e:
         print(f"eoid {args.command}: refused: {e} ({e.code})", file=sys.stderr)
-        return EX_FAIL
+        return EX_NOPERM if e.code == "forbidden" else EX_FAIL
+    except NotPermitted as e:
+        print(f"eoid {args.command}: {e}", file=sys.stderr)
+        return EX_NOPERM
     except DaemonUnavailable as e:
         print(f"eoid {args.command}: {e}", file=sys.stderr)
         return EX_UNAVAILABLE
@@ -178,24 +231,39 @@ def _probe(config: Config) -> int:
 
 
 def _control_path(args: argparse.Namespace) -> Path:
+    """The control socket: ``--socket``, or eoid.yaml's daemon settings alone (a broken
+    device file must not keep an operator from asking the daemon what is wrong)."""
     if args.socket is not None:
         return Path(args.socket)
-    return load_config(args.config).daemon.control.socket
+    return load_daemon_config(args.config).control.socket
 
 
 class DaemonUnavailable(EoidError):
     """Nobody answers on the control socket (exit 69)."""
 
 
-def _ask(args: argparse.Namespace, op: str) -> dict[str, Any]:
+class NotPermitted(EoidError):
+    """The control socket (or the config) exists but this user may not use it (exit 77)."""
+
+
+def _ask(args: argparse.Namespace, op: str, **fields: Any) -> dict[str, Any]:
     from eoid.control import ControlClient
 
+    path = _control_path(args)
     try:
-        client = ControlClient(_control_path(args))
+        client = ControlClient(path)
     except EoidError as e:
+        if isinstance(e.__cause__, PermissionError):
+            raise NotPermitted(f"{e} (is this user in the daemon's group?)") from e
         raise DaemonUnavailable(f"{e} (is the daemon running?)") from e
     with client:
-        return client.request(op)[0]
+        return client.request(op, **fields)[0]
+
+
+def unhealthy(reply: dict[str, Any]) -> list[str]:
+    """The devices of a status reply that need attention, each with why."""
+    return [f"{d['name']}: {d['state']}" + (" (stuck)" if d["stuck"] else "")
+            for d in reply["devices"] if d["state"] in UNHEALTHY or d["stuck"]]
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -204,19 +272,31 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(reply, indent=2))
     else:
         print(render_status(reply))
-    return EX_OK
+    return EX_FAIL if unhealthy(reply) else EX_OK
+
+
+def _render_reload(last: dict[str, Any] | None) -> str:
+    if last is None:
+        return "last reload: unknown (an older daemon)"
+    import time
+
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last["at"]))
+    if last["successful"]:
+        return f"last reload: ok ({when})"
+    return f"last reload: REJECTED ({when}), the previous configuration runs: " \
+        + "; ".join(last["problems"])
 
 
 def render_status(reply: dict[str, Any]) -> str:
     daemon = reply["daemon"]
     lines = [f"eoid {daemon['version']} pid {daemon['pid']}, up {daemon['uptime_seconds']:.0f}s,"
-             f" config {daemon['config']}", ""]
+             f" config {daemon['config']}", _render_reload(daemon.get("last_reload")), ""]
     header = ("DEVICE", "STATE", "CONSUMER", "INTERRUPTS", "EOIS", "SPURIOUS", "TIMEOUTS",
               "THROTTLES", "SERVICE p99", "UNMASK p99")
     rows = [header]
     for d in reply["devices"]:
         c = d["counters"]
-        state = d["state"] if d["up"] else f"down: {d['down_reason']}"
+        state = f"down: {d['down_reason']}" if d["state"] == "down" else d["state"]
         state += " (stuck)" if d["stuck"] else ""
         state += " (storm)" if d["storm"] else ""
         consumer = f"pid {d['consumer']['pid']}" if d["consumer"] else "-"
@@ -227,12 +307,36 @@ def render_status(reply: dict[str, Any]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip()
               for r in rows]
+    attention = unhealthy(reply)
+    if attention:
+        lines += ["", "needs attention: " + ", ".join(attention)]
     return "\n".join(lines)
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
-    _ask(args, "reload")
-    print("reload requested; see the daemon's log (or `eoid status`) for the result")
+    reply = _ask(args, "reload")
+    if "successful" not in reply:  # an older daemon: it does not say
+        print("reload requested; see the daemon's log (or `eoid status`) for the result")
+        return EX_OK
+    if not reply["successful"]:
+        print("eoid reload: the daemon rejected the configuration; the previous one keeps "
+              "running:", file=sys.stderr)
+        for problem in reply["problems"]:
+            print(problem, file=sys.stderr)
+        return EX_CONFIG
+    print("reloaded: " + ", ".join(f"{k} {', '.join(reply[k]) or '-'}"
+                                   for k in ("added", "removed", "changed")))
+    return EX_OK
+
+
+def cmd_reset(args: argparse.Namespace) -> int:
+    reply = _ask(args, "reset", device=args.device)
+    how = "reset and reopened" if reply["reset"] else "reopened (its backend has no reset)"
+    if not reply["up"]:
+        print(f"eoid reset: {args.device}: {how}, but it is {reply['state']}: "
+              f"{reply['down_reason'] or ''}".rstrip(": "), file=sys.stderr)
+        return EX_FAIL
+    print(f"{args.device}: {how}; {reply['state']}")
     return EX_OK
 
 
@@ -279,7 +383,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": cmd_run, "check-config": cmd_check_config, "status": cmd_status,
-            "reload": cmd_reload, "devices": cmd_devices, "sim": cmd_sim, "demo": cmd_demo}
+            "reload": cmd_reload, "reset": cmd_reset, "devices": cmd_devices, "sim": cmd_sim,
+            "demo": cmd_demo}
 
 if __name__ == "__main__":
     sys.exit(main())

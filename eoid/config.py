@@ -304,6 +304,8 @@ class Policy(_Strict):
     """Off by default: a spurious EOI racing an unread trigger would unmask a line whose
     interrupt has not been delivered yet. The EOI timeout covers a really lost EOI."""
     storm: StormPolicy = StormPolicy()
+    held_timeout: Duration = parse_duration("1m")
+    """An interrupt held this long with no consumer shows the device as ``abandoned``."""
 
 
 class SimBackend(_Strict):
@@ -573,6 +575,13 @@ def load_device(path: Path, shown: str | None = None,
     if isinstance(data, dict) and "name" not in data:
         data = {"name": path.stem, **data}
     return _validate(DeviceConfig, data, shown, lines, shared)
+
+
+def load_daemon_config(path: Path) -> DaemonConfig:
+    """eoid.yaml's daemon settings alone: what a client needs to find the daemon's socket,
+    whatever state the device files are in."""
+    data, lines = _load_yaml(path, str(path))
+    return _validate(DaemonConfig, data, str(path), lines)
 
 
 def load_config(path: Path) -> Config:

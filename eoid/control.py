@@ -99,7 +99,9 @@ class ControlHandler(Protocol):
 
     def status(self) -> dict[str, Any]: ...
 
-    def reload(self) -> None: ...
+    def reload(self) -> dict[str, Any]: ...
+
+    def reset(self, device: str) -> dict[str, Any]: ...
 
     def peer_closed(self, peer: Peer) -> None: ...
 
@@ -435,13 +437,16 @@ class ControlServer:
         if op == "status":
             self._authorize(peer, self.config.status)
             return self.handler.status(), []
-        if op == "reload":
+        if op in ("reload", "reset"):
             if peer.uid not in (0, os.getuid()):
-                raise ProtocolError("forbidden", "only root or the daemon's user may reload")
-            self.handler.reload()
-            return {}, []
+                raise ProtocolError("forbidden", f"only root or the daemon's user may {op}")
+            if op == "reload":
+                return self.handler.reload(), []
+            if not isinstance(device, str):
+                raise ProtocolError("bad_request", "reset needs a 'device' string")
+            return self.handler.reset(device), []
         raise ProtocolError("unknown_op", f"unknown op {_short(repr(op), 64)} "
-                            "(expected hello, attach, detach, status, reload)")
+                            "(expected hello, attach, detach, status, reload, reset)")
 
     @staticmethod
     def _authorize(peer: Peer, access: Access | None) -> None:

@@ -96,6 +96,8 @@ class Daemon:
         self._pings = 0  # sent to the lane by the watchdog (see _pet_watchdog)
         self._rate_mark = (0, time.monotonic())
         self._status_note = ""  # kept in STATUS= until it no longer holds
+        self.last_reload: dict[str, Any] = {"successful": True, "at": time.time(),
+                                            "problems": []}
         self._log = structlog.get_logger("eoid")
 
     def notify(self, send: Callable[..., bool], *args: Any, **fields: Any) -> None:
@@ -344,6 +346,32 @@ class Daemon:
         self._backoff[runner.name] = delay
         self._reopen[runner.name] = self.loop.call_later(delay, self._retry, runner.name)
 
+    def _reopen_device(self, runner: DeviceRunner, reason: str) -> bool:
+        """Close an open device and open it afresh (its eventfds and consumer stay)."""
+        if runner.device is not None:
+            held = list(runner.device.held_fds())
+            runner.stop(reason)
+            for role in held:
+                self.store.remove(device_fd_name(runner.name, role))
+        return self._open(runner)
+
+    def reset(self, name: str) -> dict[str, Any]:
+        """``eoid reset``: reset the device where its backend can, then reopen it. Clears a
+        fault, and drops an interrupt held for nobody (a device that still asserts its
+        line fires again once armed)."""
+        runner = self._runner(name)
+        reset = False
+        if runner.device is not None:
+            try:
+                reset = runner.reset_device()
+            except EoidError as e:
+                self._log.warning("device reset failed; reopening it anyway", device=name,
+                                  error=str(e))
+        opened = self._reopen_device(runner, "reset by the operator")
+        self._log.info("device reset", device=name, reset=reset, up=opened)
+        return {"device": name, "reset": reset, "up": runner.relaying,
+                "state": runner.state.name.lower(), "down_reason": runner.down_reason}
+
     def _retry(self, name: str) -> None:
         self._reopen.pop(name, None)
         runner = self.runners.get(name)
@@ -369,24 +397,31 @@ class Daemon:
 
     # --- reload --------------------------------------------------------------------------
 
-    def reload(self) -> None:
-        """Re-read the configuration and apply it as a diff; a bad one changes nothing."""
+    def reload(self) -> dict[str, Any]:
+        """Re-read the configuration and apply it as a diff; a bad one changes nothing.
+        Returns what ``last_reload`` now says (the control socket's reply)."""
         self.notify(self.notifier.reloading)
         try:
             new = load_config(self.config.path)
         except ConfigError as e:
             self.metrics.reloads["failure"] += 1
+            self.metrics.last_reload_successful = False
+            self.last_reload = {"successful": False, "at": time.time(), "problems": e.problems}
             self._log.error("reload rejected; the running configuration stays",
                             problems=e.problems)
             self._status_note = f"; last reload failed: {e.problems[0]}"
             self.notify(self.notifier.ready, self._status())
-            return
+            return self.last_reload
         self._status_note = ""
         changed = self._apply(new)
         self.metrics.reloads["success"] += 1
         self.metrics.last_reload_success = time.time()
+        self.metrics.last_reload_successful = True
+        self.last_reload = {"successful": True, "at": self.metrics.last_reload_success,
+                            "problems": []}
         self._log.info("configuration reloaded", **changed)
         self.notify(self.notifier.ready, self._status())
+        return {**self.last_reload, **changed}
 
     def _apply(self, new: Config) -> dict[str, list[str]]:
         old = self.config
@@ -412,7 +447,11 @@ class Daemon:
         for name in added:
             self._add(new.devices[name])
         for name, runner in self.runners.items():  # a reload is also "try again now"
-            if not runner.up and name not in added:
+            if name in added:
+                continue
+            if runner.faulted:
+                self._reopen_device(runner, "reopened by a reload after a device error")
+            elif not runner.up:
                 self._open(runner)
         return {"added": added, "removed": removed, "changed": changed}
 
@@ -466,7 +505,7 @@ class Daemon:
     def status(self) -> dict[str, Any]:
         return {"daemon": {"pid": os.getpid(), "version": __version__,
                            "uptime_seconds": round(time.monotonic() - self.started, 3),
-                           "config": str(self.config.path)},
+                           "config": str(self.config.path), "last_reload": self.last_reload},
                 "devices": [r.status() for r in self.runners.values()]}
 
     def _runner(self, name: str) -> DeviceRunner:
@@ -481,7 +520,8 @@ class Daemon:
         for runner in list(self.runners.values()):
             info = {"pci_address": runner.config.pci_address,
                     "backend": runner.config.backend.type}
-            yield DeviceView(runner.name, runner.stats, runner.up, runner.consumer is not None,
+            yield DeviceView(runner.name, runner.stats, runner.relaying,
+                             runner.consumer is not None,
                              runner.state.name.lower(), info)
 
     def _status(self) -> str:

@@ -92,6 +92,7 @@ class DaemonMetrics:
 
     reloads: dict[str, int] = field(default_factory=lambda: {"success": 0, "failure": 0})
     last_reload_success: float = 0.0
+    last_reload_successful: bool = True
     loop: asyncio.AbstractEventLoop | None = None
     retired: dict[str, Histogram] = field(default_factory=lambda: {
         attr: Histogram() for attr, _, _ in HISTOGRAMS})
@@ -239,6 +240,10 @@ class EoidCollector:
         name = "eoid_config_last_reload_success_timestamp_seconds"
         out.family(name, "gauge", "When the configuration was last loaded successfully.",
                    [f"{name} {_number(self.daemon.last_reload_success)}\n"])
+        name = "eoid_config_last_reload_successful"
+        out.family(name, "gauge", "1 if the last configuration reload succeeded (or none was "
+                   "tried since start), 0 if it was rejected.",
+                   [f"{name} {int(self.daemon.last_reload_successful)}\n"])
         if out.wants("eoid_loop_lag_seconds", "gauge"):
             lag = self._loop_lag()
             if lag is not None:

@@ -61,7 +61,7 @@ def _owning(method: Callable[Concatenate[DeviceRunner, P], R]
 
 
 def _refuse(device: str, reason: str) -> Callable[[], None]:
-    """What ``unmask`` becomes when it must not reach the device (down, or faulted)."""
+    """What ``unmask`` becomes when there is no device to reach (down)."""
     def refuse() -> None:
         raise DeviceError(device, "unmask", reason)
     return refuse
@@ -138,9 +138,23 @@ class DeviceRunner:
         return self.channel.stats.interrupts + self._fast.interrupts
 
     @property
+    def relaying(self) -> bool:
+        """Open, armed and not faulted: what ``eoid_device_up`` and ``up`` in the status say."""
+        return self.device is not None and not self.faulted
+
+    @property
     def state(self) -> State:
+        """The channel's state, or what overrides it for an operator: FAULTED while the
+        device's error stands, ABANDONED once an interrupt has been HELD for longer than
+        ``held_timeout`` (computed when asked: no timer, nothing on the hot path)."""
+        if self.faulted:
+            return State.FAULTED
         fast = self._fast
-        return State(fast.state) if fast.lent else self.channel.state
+        state = State(fast.state) if fast.lent else self.channel.state
+        if state is State.HELD and monotonic_ns() - self.channel.pending_since \
+                >= self.config.policy.held_timeout:
+            return State.ABANDONED
+        return state
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -320,6 +334,8 @@ class DeviceRunner:
         stats.dispatch_latency.observe(monotonic_ns() - since)
 
     def _unmask(self, since: int) -> None:
+        if self.faulted:
+            return  # by design, not an error: the state says FAULTED until reset or reload
         stats = self.channel.stats
         try:
             self._device_unmask()
@@ -433,8 +449,8 @@ class DeviceRunner:
         self.channel.stats.errors["device_event"] += event is DeviceEvent.ERROR
         if event is DeviceEvent.ERROR:
             self.faulted = True
-            self._device_unmask = _refuse(self.name, "the device reported an error")
-            self._log.error("device reported an error; unmasking stopped until it is reopened")
+            self._log.error("device reported an error; its line is not unmasked until "
+                            "`eoid reset` or a reload reopens it")
             if self.consumer is not None:
                 self.consumer.device_event("device_error", self.name)
             return
@@ -445,9 +461,20 @@ class DeviceRunner:
         self.stop(reason)
         self.on_down(self, reason, held)
 
+    @_owning
+    def reset_device(self) -> bool:
+        """Reset the device where its backend can (``VFIO_DEVICE_RESET``); False where it
+        cannot. The caller then reopens it (``Daemon.reset``)."""
+        device = self.device
+        reset = getattr(device, "reset", None)
+        if reset is None or not getattr(device, "supports_reset", False):
+            return False
+        reset()
+        return True
+
     def status(self) -> dict[str, Any]:
         ch, stats = self.channel, self.stats
-        return {"name": self.name, "up": self.up, "state": self.state.name.lower(),
+        return {"name": self.name, "up": self.relaying, "state": self.state.name.lower(),
                 "down_reason": self.down_reason, "faulted": self.faulted, "stuck": ch.stuck,
                 "storm": ch.in_storm, "pci_address": self.config.pci_address,
                 "backend": self.config.backend.type,

@@ -48,6 +48,7 @@ GAUGES = {
     "eoid_build_info",
     "eoid_loop_lag_seconds",
     "eoid_config_last_reload_success_timestamp_seconds",
+    "eoid_config_last_reload_successful",
 }
 KNOWN = COUNTERS | HISTOGRAMS | GAUGES
 PER_DEVICE = KNOWN - {  # eoid's own overheads are daemon-wide by default
@@ -57,6 +58,7 @@ PER_DEVICE = KNOWN - {  # eoid's own overheads are daemon-wide by default
     "eoid_loop_lag_seconds",
     "eoid_config_reloads_total",
     "eoid_config_last_reload_success_timestamp_seconds",
+    "eoid_config_last_reload_successful",
 }
 METRIC_RE = re.compile(r"\beoid_[a-z_]+")
 
@@ -145,11 +147,30 @@ def test_alerts_use_only_metrics_eoid_exports() -> None:
         "eoid_storm_throttles_total",
         "eoid_errors_total",
         "eoid_interrupt_service_seconds",
-        "eoid_config_reloads_total",
+        "eoid_device_state",
+        "eoid_config_last_reload_successful",
     ):
         assert needed in used, needed
     assert any('up{job="eoid"}' in rule["expr"] for rule in alert_rules())
     assert any(rule["expr"].startswith("absent(") for rule in alert_rules())
+
+
+def test_no_alert_on_eoid_series_fires_while_eoid_is_down() -> None:
+    """One page when eoid dies (EoidDown), not also every alert whose rate() window still
+    holds the last samples (promtool covers the behaviour; this, that no rule forgets)."""
+    for rule in alert_rules():
+        if metric_names(rule["expr"]):
+            assert rule["expr"].rstrip().endswith(
+                'and on (job, instance) up{job="eoid"} == 1'), rule["alert"]
+
+
+def test_the_rules_say_what_is_deliberately_not_alerted_on() -> None:
+    header = RULES.read_text().split("groups:")[0]
+    assert "Deliberately not alerted on" in header
+    for unalerted in ("eoid_spurious_eois_total", "eoid_coalesced_interrupts_total",
+                      "eoid_consumer_attached"):
+        assert unalerted in header, unalerted
+        assert all(unalerted not in rule["expr"] for rule in alert_rules())
 
 
 # -- dashboard -----------------------------------------------------------------------------
