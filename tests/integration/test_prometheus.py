@@ -182,6 +182,8 @@ def test_each_alert_fires_for_its_device_on_live_data_and_resolves(env: Env) -> 
     start_sim(env, "sim-b", *sim_b, "--rate", "0", "--no-guests")
     start_sim(env, "sim-c", *sim_c, "--rate", "10", "--service-time", "100ms")
     daemon = env.start_daemon(wait_up=False)
+    wait_until(lambda: [d["name"] for d in env.status()["devices"] if not d["up"]] == ["dev7"],
+               20, "every device but dev7 open")
     prom = Prometheus(env.root, env.port)
     try:
         # misbehave, once Prometheus has seen the counters at 0 (for the dashboard's rates)
