@@ -329,8 +329,18 @@ def cmd_reload(args: argparse.Namespace) -> int:
     return EX_OK
 
 
+RESET_WAIT = 10.0  # seconds ``eoid reset`` waits for a device that opens asynchronously
+
+
 def cmd_reset(args: argparse.Namespace) -> int:
+    import time
+
     reply = _ask(args, "reset", device=args.device)
+    deadline = time.monotonic() + RESET_WAIT
+    while reply.get("opening") and time.monotonic() < deadline:
+        time.sleep(0.05)  # the daemon has no "tell me when opened": ask again
+        reply = {**reply, **next(d for d in _ask(args, "status")["devices"]
+                                 if d["name"] == args.device)}
     how = "reset and reopened" if reply["reset"] else "reopened (its backend has no reset)"
     if not reply["up"]:
         print(f"eoid reset: {args.device}: {how}, but it is {reply['state']}: "

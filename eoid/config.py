@@ -100,6 +100,9 @@ BucketBound = Annotated[int, BeforeValidator(parse_duration), AfterValidator(_wi
 """A histogram bucket's upper bound: one of the recorded bounds (see ``check_buckets``)."""
 SummaryPeriod = Annotated[int, BeforeValidator(parse_duration),
                           AfterValidator(_within("1s", "24h"))]
+HeldTimeout = Annotated[int, BeforeValidator(parse_duration),
+                        AfterValidator(_within("1ms", "24h"))]
+"""How long an interrupt may wait for a consumer before the device shows ``abandoned``."""
 
 
 _PCI_ADDRESS = re.compile(r"^[0-9a-fA-F]{4}:[0-9a-fA-F]{2}:[0-1][0-9a-fA-F]\.[0-7]$")
@@ -304,7 +307,7 @@ class Policy(_Strict):
     """Off by default: a spurious EOI racing an unread trigger would unmask a line whose
     interrupt has not been delivered yet. The EOI timeout covers a really lost EOI."""
     storm: StormPolicy = StormPolicy()
-    held_timeout: Duration = parse_duration("1m")
+    held_timeout: HeldTimeout = parse_duration("1m")
     """An interrupt held this long with no consumer shows the device as ``abandoned``."""
 
 

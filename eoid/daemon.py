@@ -346,19 +346,20 @@ class Daemon:
         self._backoff[runner.name] = delay
         self._reopen[runner.name] = self.loop.call_later(delay, self._retry, runner.name)
 
-    def _reopen_device(self, runner: DeviceRunner, reason: str) -> bool:
+    def _reopen_device(self, runner: DeviceRunner, reason: str) -> None:
         """Close an open device and open it afresh (its eventfds and consumer stay)."""
         if runner.device is not None:
             held = list(runner.device.held_fds())
             runner.stop(reason)
             for role in held:
                 self.store.remove(device_fd_name(runner.name, role))
-        return self._open(runner)
+        self._open(runner)
 
     def reset(self, name: str) -> dict[str, Any]:
         """``eoid reset``: reset the device where its backend can, then reopen it. Clears a
         fault, and drops an interrupt held for nobody (a device that still asserts its
-        line fires again once armed)."""
+        line fires again once armed). A backend that opens asynchronously (sim) may still
+        be ``opening`` when this returns: ``status`` says when it is done."""
         runner = self._runner(name)
         reset = False
         if runner.device is not None:
@@ -367,10 +368,11 @@ class Daemon:
             except EoidError as e:
                 self._log.warning("device reset failed; reopening it anyway", device=name,
                                   error=str(e))
-        opened = self._reopen_device(runner, "reset by the operator")
-        self._log.info("device reset", device=name, reset=reset, up=opened)
-        return {"device": name, "reset": reset, "up": runner.relaying,
-                "state": runner.state.name.lower(), "down_reason": runner.down_reason}
+        self._reopen_device(runner, "reset by the operator")
+        self._log.info("device reset", device=name, reset=reset)
+        return {"device": name, "reset": reset, "opening": name in self._opening,
+                "up": runner.relaying, "state": runner.state.name.lower(),
+                "down_reason": runner.down_reason}
 
     def _retry(self, name: str) -> None:
         self._reopen.pop(name, None)
@@ -506,7 +508,8 @@ class Daemon:
         return {"daemon": {"pid": os.getpid(), "version": __version__,
                            "uptime_seconds": round(time.monotonic() - self.started, 3),
                            "config": str(self.config.path), "last_reload": self.last_reload},
-                "devices": [r.status() for r in self.runners.values()]}
+                "devices": [{**r.status(), "opening": r.name in self._opening}
+                            for r in self.runners.values()]}
 
     def _runner(self, name: str) -> DeviceRunner:
         runner = self.runners.get(name)

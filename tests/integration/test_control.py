@@ -381,8 +381,11 @@ class _NoHandler:
     def status(self) -> dict[str, Any]:
         return {}
 
-    def reload(self) -> None:
-        pass
+    def reload(self) -> dict[str, Any]:
+        return {}
+
+    def reset(self, device: str) -> dict[str, Any]:
+        raise AssertionError
 
     def peer_closed(self, peer: Any) -> None:
         pass

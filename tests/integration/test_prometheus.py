@@ -162,14 +162,15 @@ def until(prom: Prometheus, predicate: Callable[[], bool], what: str, timeout: f
 
 
 def test_each_alert_fires_for_its_device_on_live_data_and_resolves(env: Env) -> None:
-    # sim A: dev0-dev4 with guests; B: dev5 and dev7, no guests; C: dev6, a slow guest
-    sim_a = write_sim_config(env.root / "a", env.control, ["dev0", "dev1", "dev2", "dev3",
-                                                           "dev4"])
+    # sim A: dev0, dev2-dev4 with guests; B: dev5 and dev7, no guests; C: dev6, a slow
+    # guest; S: dev1, whose stuck line keeps its process busy (the guests of A must not wait)
+    sim_a = write_sim_config(env.root / "a", env.control, ["dev0", "dev2", "dev3", "dev4"])
+    sim_s = write_sim_config(env.root / "s", env.control, ["dev1"])
     sim_b = write_sim_config(env.root / "b", env.control, ["dev5", "dev7"])
     sim_c = write_sim_config(env.root / "c", env.control, ["dev6"])
     for i in range(5):
         write_device(env, f"dev{i}", i, f"{{type: sim, socket: {sim_a[1]}}}")
-    write_device(env, "dev1", 1, f"{{type: sim, socket: {sim_a[1]}}}",
+    write_device(env, "dev1", 1, f"{{type: sim, socket: {sim_s[1]}}}",
                  "policy: {storm: {max_rate: 200, burst: 10}}\n")
     write_device(env, "dev2", 2, f"{{type: sim, socket: {sim_a[1]}}}",
                  "policy: {eoi_timeout: 200ms}\n")
@@ -177,8 +178,8 @@ def test_each_alert_fires_for_its_device_on_live_data_and_resolves(env: Env) -> 
                  "policy: {held_timeout: 1s}\n")
     write_device(env, "dev6", 6, f"{{type: sim, socket: {sim_c[1]}}}")
     write_device(env, "dev7", 7, f"{{type: sim, socket: {sim_b[1]}, line: missing}}")
-    start_sim(env, "sim-a", *sim_a, "--rate", "50", "--stuck-line", "dev1", "--no-eoi", "dev2",
-              "--spurious-eoi", "dev3")
+    start_sim(env, "sim-a", *sim_a, "--rate", "50", "--no-eoi", "dev2", "--spurious-eoi", "dev3")
+    start_sim(env, "sim-s", *sim_s, "--rate", "50", "--stuck-line", "dev1")
     start_sim(env, "sim-b", *sim_b, "--rate", "0", "--no-guests")
     start_sim(env, "sim-c", *sim_c, "--rate", "10", "--service-time", "100ms")
     daemon = env.start_daemon(wait_up=False)
@@ -204,6 +205,7 @@ def test_each_alert_fires_for_its_device_on_live_data_and_resolves(env: Env) -> 
 
         # the faults go away: every alert resolves
         sim_call(sim_a[1], "heal")
+        sim_call(sim_s[1], "heal")
         sim_call(sim_c[1], "set", line="dev6", rate=0)
         assert cli(env, "reset", "dev4").returncode == 0
         with Consumer(env.control, "dev5") as vm:
