@@ -290,6 +290,10 @@ def trace_devices(devices: int, group: str = "lineno", frames: int = 1) -> dict[
             for name in names:
                 for fd in daemon.attach(peer, name)[1]:
                     os.close(fd)
+            for _ in range(1000):  # sim devices start once the sim has answered their open
+                if all(runner.up for runner in daemon.runners.values()):
+                    break
+                await asyncio.sleep(0.01)
             assert all(runner.up for runner in daemon.runners.values())
             stats = snapshot().compare_to(before, group)
         finally:

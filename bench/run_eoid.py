@@ -66,10 +66,12 @@ class SimStandIn:
                     conn, _ = sock.accept()
                     self._sel.register(conn, selectors.EVENT_READ)
                     continue
-                received = recv_msg(sock)
+                try:
+                    received = recv_msg(sock)
+                except OSError:  # the daemon went (it sends its last requests unanswered)
+                    received = None
                 if received is None:
-                    self._sel.unregister(sock)
-                    sock.close()
+                    self._drop(sock)
                     continue
                 message, fds = received
                 if message.get("op") == "enable" and len(fds) == 2:
@@ -77,7 +79,14 @@ class SimStandIn:
                     self.lines[str(message["line"])] = (fds[0], fds[1])
                     fds = []
                 close_all(fds)
-                send_msg(sock, {"ok": True, "id": message.get("id")})
+                try:
+                    send_msg(sock, {"ok": True, "id": message.get("id")})
+                except OSError:
+                    self._drop(sock)
+
+    def _drop(self, sock: socket.socket) -> None:
+        self._sel.unregister(sock)
+        sock.close()
 
     def close(self) -> None:
         self._stop.set()

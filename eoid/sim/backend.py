@@ -324,17 +324,20 @@ class SimDevice:
         done: asyncio.Future[None] = self.conn.loop.create_future()
 
         def settle(reply: asyncio.Future[dict[str, Any]]) -> None:
+            e = None if reply.cancelled() else reply.exception()  # retrieved in every case
             if done.done():
                 return
             if reply.cancelled():
                 done.cancel()
-            elif (e := reply.exception()) is not None:
+            elif e is not None:
                 reason = e.reason if isinstance(e, SimRequestError) else str(e)
                 done.set_exception(DeviceError(self.name, "open", f"simulated line "
                                                f"{self.line!r} at {self.conn.path}: {reason}"))
             else:
                 done.set_result(None)
         asked.add_done_callback(settle)
+        # the daemon gave up on the open (removed, shut down): so does the request
+        done.add_done_callback(lambda _: asked.cancel())
         return done
 
     def _send(self, op: str, fds: tuple[int, ...] = ()) -> None:
