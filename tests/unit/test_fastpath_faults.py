@@ -173,7 +173,8 @@ def test_epoll_ctl_del_fails_and_the_lane_rebuilds_its_set(rig: Rig) -> None:
         rig.runner.set_config(rig.runner.config)  # takes the state back, and lends it again
         settled(rig)
     assert failures(logs, "epoll") == 1
-    assert rig.errors()["epoll"] == 2
+    # both DELs; and the next ADD, if it came before the lane rebuilt its set (EEXIST)
+    assert rig.errors()["epoll"] in (2, 3)
 
 
 def test_a_failed_read_on_the_lane_hands_the_device_to_the_loop(rig: Rig) -> None:
