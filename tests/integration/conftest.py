@@ -1,8 +1,10 @@
 """The daemon-level tests run twice: with the C fast path, and in pure-Python mode
-(``EOID_FASTPATH=0``, as where the extension cannot be built). The rest once, fast."""
+(``EOID_FASTPATH=0``, as where the extension cannot be built). The rest once, fast.
+``EOID_TEST_MODES=fast`` runs only the first (./dev sanitize: the C under ASan)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -21,4 +23,5 @@ def fastpath_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatc
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     module = metafunc.module.__file__
     if module and Path(module).name in BOTH_MODES and "fastpath_mode" in metafunc.fixturenames:
-        metafunc.parametrize("fastpath_mode", ["fast", "python"], indirect=True)
+        modes = os.environ.get("EOID_TEST_MODES", "fast,python").split(",")
+        metafunc.parametrize("fastpath_mode", modes, indirect=True)
