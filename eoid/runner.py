@@ -170,8 +170,7 @@ class DeviceRunner:
         errors = stats.errors
         errors["forward"] += counts.forward_errors
         errors["unmask"] += counts.unmask_errors
-        errors["read"] += counts.read_errors
-        errors["epoll"] += counts.epoll_errors
+        errors["fastpath"] += counts.read_errors + counts.epoll_errors
         stats.service.add(counts.service, counts.service_ns)
         stats.dispatch_latency.add(counts.dispatch, counts.dispatch_ns)
         stats.unmask_latency.add(counts.unmask, counts.unmask_ns)

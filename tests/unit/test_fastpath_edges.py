@@ -344,7 +344,8 @@ import gc, os
 os.close(0)  # eoid run <&-
 from eoid._fastpath import Lane
 def tasks():  # the lane's threads (a sanitizer may run threads of its own)
-    names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+    names = [open(f"/proc/self/task/{t}/comm").read().strip()
+             for t in os.listdir("/proc/self/task")]
     return sum(n.startswith("eoid-") for n in names)
 before = tasks()
 lane = Lane()
