@@ -8,6 +8,16 @@ each event; the loop shell (``eoid.runner``) does it.
 
 Events are method calls with an injected ``now`` (monotonic nanoseconds); each returns
 a bit set of actions. Allocation-free on the common path, because it runs per interrupt.
+
+This module is the one place the rules are written. eoid/_fastpath.c repeats three of
+them, for a line the runner lent it (``lend``: ARMED or PENDING, a consumer attached, not
+adopting, not stuck, no storm episode), and declines everything else back to here:
+``trigger`` from ARMED (``fast_trigger``: forward, PENDING, the EOI deadline; declined when
+no loop timer covers that deadline), ``eoi`` from PENDING with a token to spare
+(``fast_eoi``: the GCRA of ``_take_token``, unmask, ARMED), and a spurious ``eoi`` while
+ARMED without ``unmask_on_spurious`` (counted only). Its ``ST_ARMED``/``ST_PENDING`` are
+``State``'s values, and tests/unit/test_fastpath.py checks both: the constants, and the
+rules against this module in a differential test with time passing.
 """
 
 from __future__ import annotations
@@ -170,10 +180,10 @@ class Channel:
         if self._take_token(now):
             self.state = _ARMED
             self.timer_at = None
-            if self._episode and now - self._last_throttle >= self.policy.storm.recovery:
-                self._episode = False
-                self._backoff = self.policy.storm.backoff_initial
-                return UNMASK | TIMER | STORM_END
+            if self._episode:
+                if now - self._last_throttle >= self.policy.storm.recovery:
+                    return UNMASK | self._end_episode()
+                self.timer_at = self._last_throttle + self.policy.storm.recovery
             return _UNMASK_TIMER
         return self._throttle(now)
 
@@ -186,7 +196,10 @@ class Channel:
         self.timer_at = None
         if self.state == State.THROTTLED:
             self.state = State.ARMED
+            self.timer_at = self._last_throttle + self.policy.storm.recovery  # see _throttle
             return UNMASK | TIMER
+        if self.state == State.ARMED and self._episode:  # quiet since: the storm is over
+            return self._end_episode()
         if self.state != State.PENDING:
             return TIMER
         if self.adopting:
@@ -231,22 +244,26 @@ class Channel:
 
     # --- the fast path ---------------------------------------------------------------------
 
-    def lend(self) -> tuple[int, int, int | None, int, int, int, int, int, int, int, bool
-                            ] | None:
-        """What ``eoid._fastpath`` needs to run the common transitions itself (a trigger
-        when ARMED, an EOI with a token to spare when PENDING, a spurious EOI), in
-        ``FastPath.take``'s order; None where the rules are less simple: not ARMED or
-        PENDING, no consumer, adopting, stuck, or in a storm episode."""
+    def lend(self) -> tuple[int, int, int | None, int, int] | None:
+        """The state ``eoid._fastpath`` needs to run the common transitions itself (a
+        trigger when ARMED, an EOI with a token to spare when PENDING, a spurious EOI):
+        (state, pending_since, timer_at, tat, backoff), as ``FastPath.lend`` takes it; None
+        where the rules are less simple: not ARMED or PENDING, no consumer, adopting,
+        stuck, or in a storm episode. ``reclaim`` takes it back."""
         state = self.state
         if (state is not _ARMED and state is not _PENDING) or not self.attached \
                 or self.adopting or self.stuck or self._episode:
             return None
-        return (state, self.pending_since, self.timer_at, self._tat, self._backoff,
-                self._eoi_timeout, self._interval, self._limit, self._half,
+        return (state, self.pending_since, self.timer_at, self._tat, self._backoff)
+
+    def fast_policy(self) -> tuple[int, int, int, int, int, bool]:
+        """What the fast path needs of the policy, as ``FastPath.set_policy`` takes it
+        (sent once, and again after ``set_policy``)."""
+        return (self._eoi_timeout, self._interval, self._limit, self._half,
                 self._backoff_initial, self.policy.unmask_on_spurious)
 
-    def take_back(self, state: int, pending_since: int, timer_at: int | None, tat: int,
-                  backoff: int) -> None:
+    def reclaim(self, state: int, pending_since: int, timer_at: int | None, tat: int,
+                backoff: int) -> None:
         """The state as the fast path left it (it counted into its own arrays)."""
         self.state = State(state)
         self.pending_since = pending_since
@@ -285,8 +302,16 @@ class Channel:
         self.state = State.THROTTLED
         self.timer_at = now + max(self._backoff, repaid)
         self._backoff = min(self._backoff * 2, storm.backoff_max)
-        self._last_throttle = now
+        # Recovery counts from the deferred unmask, not from the EOI it deferred: a line
+        # that stays asserted with a backoff longer than ``recovery`` is one episode, and
+        # a line that goes quiet ends it ``recovery`` later (a timer), not at its next EOI.
+        self._last_throttle = self.timer_at
         return actions
+
+    def _end_episode(self) -> int:
+        self._episode = False
+        self._backoff = self.policy.storm.backoff_initial
+        return TIMER | STORM_END
 
     @property
     def in_storm(self) -> bool:

@@ -21,12 +21,11 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from eoid import __version__, log
-from eoid._fastpath import Lane
 from eoid.config import Config, DaemonConfig, DeviceConfig, load_config
 from eoid.consumer import Consumer
 from eoid.control import ControlServer, Peer
@@ -34,10 +33,13 @@ from eoid.device import IntxDevice
 from eoid.errors import ConfigError, EoidError, UnknownDevice
 from eoid.fdstore import EVENTFD_ROLES, Adopted, FdStore, device_fd_name
 from eoid.metrics import DaemonMetrics, DeviceView, Exporter, build_registry
-from eoid.runner import DeviceRunner
+from eoid.runner import DeviceRunner, new_lane
 from eoid.sim.backend import SimConnections, SimDevice
 from eoid.stats import DeviceStats
 from eoid.systemd import Notifier, watchdog_interval
+
+if TYPE_CHECKING:
+    from eoid._fastpath import Lane
 
 REOPEN_INITIAL = 1.0
 REOPEN_MAX = 30.0
@@ -120,9 +122,10 @@ class Daemon:
         return self._sims
 
     @property
-    def lane(self) -> Lane:
-        """The thread that runs every device's common round trip (eoid/_fastpath.c)."""
-        assert self._lane is not None, "the daemon is not running"
+    def lane(self) -> Lane | None:
+        """The thread that runs every device's common round trip (eoid/_fastpath.c), or
+        None in pure-Python mode (``eoid.runner.fastpath_enabled``)."""
+        assert self._loop is not None, "the daemon is not running"
         return self._lane
 
     # --- lifecycle ---------------------------------------------------------------------
@@ -139,8 +142,9 @@ class Daemon:
     async def startup(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        self._lane = Lane()
-        self._loop.add_reader(self._lane.notify_fd, self._lane.dispatch)
+        self._lane = new_lane()
+        if self._lane is not None:
+            self._loop.add_reader(self._lane.notify_fd, self._lane.dispatch)
         self.metrics.loop = self._loop
         self._sims = SimConnections(self._loop, self.store, self.adopted.sims)
         self.control = ControlServer(self.config.daemon.control, self, self._loop)
@@ -194,13 +198,15 @@ class Daemon:
     def _pet_watchdog(self, every: float) -> None:
         """WATCHDOG=1 from the loop itself, while the lane answered the last ping: a wedged
         loop or lane stops petting and is restarted."""
-        if self.lane.pongs >= self._pings:
+        lane = self._lane
+        if lane is None or lane.pongs >= self._pings:
             self.notify(self.notifier.notify, WATCHDOG=1, STATUS=self._status())
         else:
             self._log.error("the fast path's thread does not answer", pings=self._pings,
-                            pongs=self.lane.pongs)
-        self._pings += 1
-        self.lane.ping()
+                            pongs=lane.pongs)
+        if lane is not None and lane.alive:
+            self._pings += 1
+            lane.ping()
         self._watchdog = self.loop.call_later(every, self._pet_watchdog, every)
 
     def shutdown(self) -> None:

@@ -10,18 +10,36 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import errno
 import os
+import select
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
 
 def drain_eventfd(fd: int) -> int:
-    """Read and reset a non-blocking eventfd; 0 if it held nothing."""
+    """Read and reset an eventfd; 0 if it held nothing. Never waits, whatever the file's
+    O_NONBLOCK says: a consumer shares the file of its dup() and may clear the flag
+    (preadv2 with RWF_NOWAIT; eventfd reads honour it since Linux 5.12)."""
+    buf = bytearray(8)
     try:
-        return os.eventfd_read(fd)
+        os.preadv(fd, [buf], -1, os.RWF_NOWAIT)
     except BlockingIOError:
         return 0
+    except OSError as e:  # an older kernel: poll first (eoid alone reads these counts)
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        if not poller.poll(0):
+            return 0
+        try:
+            return os.eventfd_read(fd)
+        except BlockingIOError:
+            return 0
+    return int.from_bytes(buf, sys.byteorder)
 
 
 class DeviceEvent(enum.Enum):

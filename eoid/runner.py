@@ -12,6 +12,9 @@ trigger, forward, read the EOI, unmask, count). Whatever is not that common case
 hands back with the fds untouched (``_on_returned``), and the event loop watches them
 again for the channel. Every entry point here first takes the state back and lends it
 again when done (``_owning``), so the channel and the fast path never act at once.
+
+Without the extension (not built), or with ``EOID_FASTPATH=0``, there is no lane and every
+device runs on the channel alone: slower, the same behaviour (tests run the daemon both ways).
 """
 
 from __future__ import annotations
@@ -20,15 +23,20 @@ import asyncio
 import contextlib
 import functools
 import os
+import select
 from collections.abc import Callable
 from os import eventfd_write
 from time import monotonic_ns
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
 import structlog
 
-from eoid import _fastpath, log
-from eoid._fastpath import NO_TIME, FastPath, Lane
+from eoid import log
+
+try:
+    from eoid import _fastpath
+except ImportError:  # built without a C compiler: the channel alone runs every device
+    _fastpath = None  # type: ignore[assignment]
 from eoid.channel import EOI_TIMEOUT, FORWARD, STORM_BEGIN, STORM_END, TIMER, UNMASK, Channel, State
 from eoid.config import DeviceConfig, format_duration
 from eoid.consumer import Consumer
@@ -36,10 +44,15 @@ from eoid.device import DeviceEvent, IntxDevice, drain_eventfd
 from eoid.errors import DeviceBusy, DeviceError, NotAllowed, NotAttached
 from eoid.stats import BUCKETS_NS, DeviceStats
 
+if TYPE_CHECKING:
+    from eoid._fastpath import FastPath, Lane
+
 EFD_FLAGS = os.EFD_NONBLOCK | os.EFD_CLOEXEC
 TIMER_SLACK = 0.001  # uvloop timers have millisecond resolution: never wake up early
+NO_TIME = (1 << 63) - 1  # _fastpath.NO_TIME: no timer
 
-_fastpath.set_buckets(BUCKETS_NS)
+if _fastpath is not None:
+    _fastpath.set_buckets(BUCKETS_NS)
 _DEVICE_LOG = structlog.get_logger("eoid.device")
 
 P = ParamSpec("P")
@@ -60,6 +73,27 @@ def _owning(method: Callable[Concatenate[DeviceRunner, P], R]
     return owning
 
 
+def fastpath_enabled() -> bool:
+    """Whether devices run on the C fast path: it was built, and ``EOID_FASTPATH`` is not 0."""
+    return _fastpath is not None and os.environ.get("EOID_FASTPATH", "1") != "0"
+
+
+def new_lane() -> Lane | None:
+    """The daemon's lane, or None in pure-Python mode (``fastpath_enabled``)."""
+    return _fastpath.Lane() if fastpath_enabled() else None
+
+
+def signal_eventfd(fd: int) -> None:
+    """Add 1 to an eventfd a consumer shares, in pure-Python mode: only when there is room,
+    so that a consumer that cleared O_NONBLOCK on its dup() and filled the count does not
+    hang the loop. (``Lane.signal`` also interrupts a write raced into a full count.)"""
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    if not poller.poll(0):
+        raise BlockingIOError(11, "the eventfd is full")
+    eventfd_write(fd, 1)
+
+
 def _refuse(device: str, reason: str) -> Callable[[], None]:
     """What ``unmask`` becomes when there is no device to reach (down)."""
     def refuse() -> None:
@@ -71,12 +105,12 @@ class DeviceRunner:
     """Runs one device's INTx loop on the event loop; see the module docstring.
 
     ``fast=False`` keeps the fast path from ever holding the state, so every event takes
-    the Python path (tests compare the two)."""
+    the Python path (tests compare the two); so does ``lane=None`` (pure-Python mode)."""
 
     def __init__(self, config: DeviceConfig, loop: asyncio.AbstractEventLoop,
                  on_down: Callable[[DeviceRunner, str, list[str]], None],
                  eventfds: dict[str, int] | None = None, stats: DeviceStats | None = None,
-                 *, lane: Lane, fast: bool = True) -> None:
+                 *, lane: Lane | None, fast: bool = True) -> None:
         self.config = config
         self.name = config.name
         self.loop = loop
@@ -89,10 +123,19 @@ class DeviceRunner:
         self.down_reason: str | None = "not opened yet"
         self.faulted = False
         self._device_unmask: Callable[[], None] = _refuse(self.name, "the device is down")
-        self._fast = FastPath(self.trigger_fd, self.irq_fd, self.eoi_fd, self._on_returned)
-        self._fast_allowed = fast
         self._lane = lane
-        lane.add(self._fast)
+        self._fast: FastPath | None = None
+        self._signal: Callable[[int], None] = signal_eventfd
+        if lane is not None:
+            self._fast = _fastpath.FastPath(self.trigger_fd, self.irq_fd, self.eoi_fd,
+                                            self._on_returned)
+            lane.add(self._fast)
+            self._signal = lane.signal
+        self._fast_allowed = fast
+        self._lend_refused = False  # lend() overflowed (logged), and has not worked since
+        self._policy_sent = False  # FastPath.set_policy: once, and again after a reload
+        self._failing: set[str] = set()  # ops whose failure was logged, until one succeeds
+        self._lane_errors = (0, 0, 0, 0)  # the fast path's errors, as last seen
         self._watching = False  # the loop reads trigger and eoi (not the lane)
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0
@@ -114,28 +157,30 @@ class DeviceRunner:
     def stats(self) -> DeviceStats:
         """The device's statistics: the channel's, plus (in a copy) what the fast path
         counted. It only reads, so the metrics thread may take it while the loop runs."""
-        counts = self._fast.counts()
+        counts = self._fast.counts() if self._fast is not None else None
         if counts is None:
             return self.channel.stats
-        (interrupts, coalesced, eois, forwards, unmasks, forward_errors, spurious,
-         service, service_ns, dispatch, dispatch_ns, unmask, unmask_ns) = counts
         stats = self.channel.stats.copy()
-        stats.interrupts += interrupts
-        stats.coalesced_interrupts += coalesced
-        stats.eois += eois
-        stats.forwards += forwards
-        stats.unmasks += unmasks
-        stats.errors["forward"] += forward_errors
-        stats.spurious_eois += spurious
-        stats.service.add(service, service_ns)
-        stats.dispatch_latency.add(dispatch, dispatch_ns)
-        stats.unmask_latency.add(unmask, unmask_ns)
+        stats.interrupts += counts.interrupts
+        stats.coalesced_interrupts += counts.coalesced
+        stats.eois += counts.eois
+        stats.forwards += counts.forwards
+        stats.unmasks += counts.unmasks
+        stats.spurious_eois += counts.spurious
+        errors = stats.errors
+        errors["forward"] += counts.forward_errors
+        errors["unmask"] += counts.unmask_errors
+        errors["fastpath"] += counts.read_errors + counts.epoll_errors
+        stats.service.add(counts.service, counts.service_ns)
+        stats.dispatch_latency.add(counts.dispatch, counts.dispatch_ns)
+        stats.unmask_latency.add(counts.unmask, counts.unmask_ns)
         return stats
 
     @property
     def interrupts(self) -> int:
         """``stats.interrupts`` without the snapshot (``STATUS=``, every watchdog ping)."""
-        return self.channel.stats.interrupts + self._fast.interrupts
+        fast = self._fast
+        return self.channel.stats.interrupts + (fast.interrupts if fast is not None else 0)
 
     @property
     def relaying(self) -> bool:
@@ -150,7 +195,7 @@ class DeviceRunner:
         if self.faulted:
             return State.FAULTED
         fast = self._fast
-        state = State(fast.state) if fast.lent else self.channel.state
+        state = State(fast.state) if fast is not None and fast.lent else self.channel.state
         if state is State.HELD and monotonic_ns() - self.channel.pending_since \
                 >= self.config.policy.held_timeout:
             return State.ABANDONED
@@ -163,7 +208,8 @@ class DeviceRunner:
         """Arm the line. ``adopted``: the device was enabled by a previous eoid process."""
         self.device = device
         self._device_unmask = device.unmask  # bound once
-        self._fast.set_unmask(*(device.unmask_op() or (-1,)))
+        if self._fast is not None:
+            self._fast.set_unmask(*(device.unmask_op() or (-1,)))
         self.down_reason = None
         self.faulted = False
         self._watch()
@@ -194,7 +240,8 @@ class DeviceRunner:
         """Take the device down. ``release=False`` keeps it enabled (handing over to a
         successor process through the fd store)."""
         self._device_unmask = _refuse(self.name, "the device is down")
-        self._fast.set_unmask(-1)
+        if self._fast is not None:
+            self._fast.set_unmask(-1)
         device, self.device = self.device, None
         self.down_reason = reason
         self._cancel_timer()
@@ -219,7 +266,8 @@ class DeviceRunner:
         if self.consumer is not None:
             self.consumer.attached.discard(self.name)
             self.consumer = None
-        self._lane.remove(self._fast)
+        if self._lane is not None and self._fast is not None:
+            self._lane.remove(self._fast)
         for fd in (self.trigger_fd, self.irq_fd, self.eoi_fd):
             os.close(fd)
         self.trigger_fd = self.irq_fd = self.eoi_fd = -1
@@ -229,6 +277,7 @@ class DeviceRunner:
         """Apply a reloaded policy or consumer list in place, without touching the line."""
         self.config = config
         self.channel.set_policy(config.policy)
+        self._policy_sent = False  # reclaimed (``_owning``): sent before the next lend
         peer = self.consumer
         if peer is not None and not config.consumers.allows(peer.uid, peer.gids):
             self._detach(peer)
@@ -239,31 +288,87 @@ class DeviceRunner:
     def _reclaim(self) -> None:
         """Take the channel's state back from the fast path, as it left it, and read the
         eventfds on the loop again."""
-        lent = self._fast.release()
-        if lent is None:
+        fast = self._fast
+        released = fast.reclaim() if fast is not None else None
+        if released is None:
             return
-        state, pending_since, timer_at, tat, backoff, owed_unmask = lent
-        self.channel.take_back(state, pending_since, None if timer_at == NO_TIME else timer_at,
-                               tat, backoff)
-        if self.device is not None:
-            self._watch()
-        if owed_unmask:
-            self._unmask(owed_unmask)  # an EOI the lane acted on but could not unmask for
+        timer_at = released.timer_at
+        self.channel.reclaim(released.state, released.pending_since,
+                               None if timer_at == NO_TIME else timer_at, released.tat,
+                               released.backoff)
+        self._note_lane_errors()
+        if self.device is None:
+            return
+        self._watch()
+        if released.owes_unmask:  # an EOI the lane acted on but could not unmask for
+            self._unmask(released.owed_unmask)
+        if released.carried:  # read by the lane, and left to the channel
+            if released.carried_eoi:
+                self._eoi(released.carried)
+            else:
+                self._trigger(released.carried)
 
     def _lend(self) -> None:
         """Lend the state to the fast path, if the device is healthy and the line is in
-        one of the states it runs (``Channel.lend``)."""
-        lent = self.channel.lend() if self.device is not None and not self.faulted \
-            and self._fast_allowed else None
+        one of the states it runs (``Channel.lend``). If the fast path refuses it, the
+        loop keeps watching the device: it never goes unread."""
+        fast = self._fast
+        if fast is None or not self._fast_allowed or self.device is None or self.faulted:
+            return
+        lent = self.channel.lend()
         if lent is None:
             return
-        state, pending_since, timer_at, tat, backoff, eoi_timeout, interval, limit, half, \
-            backoff_initial, unmask_on_spurious = lent
+        state, pending_since, timer_at, tat, backoff = lent
+        try:
+            if not self._policy_sent:
+                fast.set_policy(*self.channel.fast_policy())
+                self._policy_sent = True
+            fast.lend(state, pending_since, NO_TIME if timer_at is None else timer_at, tat,
+                      backoff, self._timer_at if self._timer is not None else NO_TIME)
+        except OverflowError as e:  # values beyond int64 (a policy of centuries)
+            if not self._lend_refused:  # logged once, until a lend works again
+                self._lend_refused = True
+                self._log.warning("the fast path cannot run this policy; the device runs on "
+                                  "the event loop", error=str(e))
+            return
+        except OSError:  # epoll_ctl failed: counted there, logged here
+            self._note_lane_errors()
+            return
+        except RuntimeError as e:  # the lane stopped (epoll_wait failed)
+            self._fail("fastpath", e)
+            return
+        self._lend_refused = False
+        if self._failing:
+            self._recover("epoll")
+            self._recover("fastpath")
         self._unwatch()
-        self._fast.take(state, pending_since, NO_TIME if timer_at is None else timer_at, tat,
-                        backoff, eoi_timeout, interval, limit, half, backoff_initial,
-                        unmask_on_spurious, self._timer_at if self._timer is not None
-                        else NO_TIME)
+
+    def _note_lane_errors(self) -> None:
+        """Log what the fast path failed at since last seen (it cannot log: no GIL)."""
+        counts = self._fast.counts() if self._fast is not None else None
+        if counts is None:
+            return
+        now = (counts.forward_errors, counts.unmask_errors, counts.read_errors,
+               counts.epoll_errors)
+        for op, before, after in zip(("forward", "unmask", "read", "epoll"), self._lane_errors,
+                                     now, strict=True):
+            if after > before:
+                self._fail(op, f"{after - before} failed on the fast path", count=0)
+        self._lane_errors = now
+
+    def _fail(self, op: str, error: object, count: int = 1) -> None:
+        """``op`` failed: count it (``count``: as the fast path did not already) and log it,
+        once until it next succeeds."""
+        if op in self.channel.stats.errors:
+            self.channel.stats.errors[op] += count
+        if op not in self._failing:
+            self._failing.add(op)
+            self._log.error(f"{op} failed", error=str(error))
+
+    def _recover(self, op: str) -> None:
+        if self._failing and op in self._failing:
+            self._failing.discard(op)
+            self._log.info(f"{op} works again")
 
     def _watch(self) -> None:
         if not self._watching:
@@ -326,10 +431,11 @@ class DeviceRunner:
     def _forward(self, since: int) -> None:
         stats = self.channel.stats
         try:
-            eventfd_write(self.irq_fd, 1)
-        except OSError:
-            stats.errors["forward"] += 1
+            self._signal(self.irq_fd)
+        except OSError as e:  # EAGAIN: the consumer's count is full (it does not read it)
+            self._fail("forward", e)
             return
+        self._recover("forward")
         stats.forwards += 1
         stats.dispatch_latency.observe(monotonic_ns() - since)
 
@@ -340,10 +446,9 @@ class DeviceRunner:
         try:
             self._device_unmask()
         except (DeviceError, OSError) as e:
-            stats.errors["unmask"] += 1
-            if stats.errors["unmask"] == 1:
-                self._log.error("unmask failed", error=str(e))
+            self._fail("unmask", e)
             return
+        self._recover("unmask")
         stats.unmasks += 1
         stats.unmask_latency.observe(monotonic_ns() - since)
 
@@ -373,7 +478,10 @@ class DeviceRunner:
         self._timer = None
         self._read_trigger()  # a fire not yet read must count before the channel may unmask
         now = monotonic_ns()
-        self._act(self.channel.timer(now), now)
+        actions = self.channel.timer(now)
+        self._act(actions, now)
+        if actions & STORM_END:  # the line stayed quiet for ``recovery``
+            self._log_storm(actions)
 
     def _act(self, actions: int, now: int) -> None:
         if actions & FORWARD:

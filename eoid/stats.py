@@ -120,7 +120,8 @@ def human_seconds(seconds: float | None) -> str:
     return f"{seconds * 1e6:.0f}us" if seconds < 0.01 else f"{seconds * 1e3:.1f}ms"
 
 
-ERROR_OPS = ("enable", "unmask", "mask", "disable", "forward", "device_event")
+ERROR_OPS = ("enable", "unmask", "mask", "disable", "forward", "device_event", "fastpath")
+"""fastpath: the lane's own syscalls on a device's fds (epoll_ctl, reads), failed."""
 
 COUNTERS = ("interrupts", "eois", "unmasks", "spurious_eois", "coalesced_interrupts",
             "eoi_timeouts", "storm_throttles", "forwards")
