@@ -79,6 +79,12 @@ class Env:
         self.procs.append(proc)
         return proc
 
+    def command(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """Run an eoid command (``status``, ``reload``, …) against this environment's
+        config to its end, as an operator would."""
+        return subprocess.run([sys.executable, "-m", "eoid.cli", *args, "-c", str(self.config)],
+                              capture_output=True, text=True, timeout=30, check=False)
+
     def start_sim(self, *args: str) -> subprocess.Popen[bytes]:
         proc = self.eoid("sim", "-c", str(self.config), "--rate", "0", "--no-guests", *args,
                          log="sim.log")

@@ -24,11 +24,6 @@ def env() -> Iterator[Env]:
         yield e
 
 
-def eoid(env: Env, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "eoid.cli", *args, "-c", str(env.config)],
-                          capture_output=True, text=True, timeout=30, check=False)
-
-
 def last_reload_gauge(env: Env) -> float:
     return env.scrape()["eoid_config_last_reload_successful"][()]
 
@@ -36,41 +31,41 @@ def last_reload_gauge(env: Env) -> float:
 def test_a_broken_device_file_neither_hides_the_daemon_nor_gets_applied(env: Env) -> None:
     assert last_reload_gauge(env) == 1
     env.write_device("dev1", "policy: {eoi_timeout: soon}\n")
-    status = eoid(env, "status")
+    status = env.command("status")
     assert status.returncode == 0, status.stderr  # the socket is found all the same
     assert "dev0" in status.stdout and "last reload: ok" in status.stdout
-    reload = eoid(env, "reload")
+    reload = env.command("reload")
     assert reload.returncode == 78, reload
     assert "dev1.yaml:3: policy.eoi_timeout" in reload.stderr
     assert last_reload_gauge(env) == 0
-    status = eoid(env, "status")
+    status = env.command("status")
     assert "last reload: REJECTED" in status.stdout and "dev1.yaml:3" in status.stdout
-    last = json.loads(eoid(env, "status", "--json").stdout)["daemon"]["last_reload"]
+    last = json.loads(env.command("status", "--json").stdout)["daemon"]["last_reload"]
     assert not last["successful"] and "dev1.yaml:3" in last["problems"][0]
     # fixed: the gauge (and the alert on it) clears at once
     env.write_device("dev1")
-    reload = eoid(env, "reload")
+    reload = env.command("reload")
     assert reload.returncode == 0, reload.stderr
     assert "added dev1" in reload.stdout
     assert last_reload_gauge(env) == 1
-    assert "last reload: ok" in eoid(env, "status").stdout
+    assert "last reload: ok" in env.command("status").stdout
 
 
 def test_a_broken_daemon_file_is_still_a_config_error(env: Env) -> None:
     env.config.write_text(env.config.read_text() + "bogus: 1\n")
-    result = eoid(env, "status")
+    result = env.command("status")
     assert result.returncode == 78 and "bogus" in result.stderr
 
 
 def test_status_exits_1_while_a_device_is_down(env: Env) -> None:
-    assert eoid(env, "status").returncode == 0
+    assert env.command("status").returncode == 0
     env.procs[0].kill()  # the sim process dies: its devices go down
     env.procs[0].wait()
     wait_until(lambda: env.device("dev0")["state"] == "down", what="down")
-    result = eoid(env, "status")
+    result = env.command("status")
     assert result.returncode == 1
     assert "needs attention: dev0: down" in result.stdout
-    assert eoid(env, "status", "--json").returncode == 1
+    assert env.command("status", "--json").returncode == 1
 
 
 def test_status_exits_1_while_an_interrupt_is_stuck() -> None:
@@ -82,12 +77,12 @@ def test_status_exits_1_while_an_interrupt_is_stuck() -> None:
             env.sim("raise", line="dev0")
             assert vm.wait_irq() == 1
             wait_until(lambda: env.device("dev0")["stuck"], what="stuck")
-            result = eoid(env, "status")
+            result = env.command("status")
             assert result.returncode == 1 and "dev0: pending (stuck)" in result.stdout
             env.sim("ack", line="dev0")
             vm.send_eoi()
             wait_until(lambda: not env.device("dev0")["stuck"], what="unstuck")
-            assert eoid(env, "status").returncode == 0
+            assert env.command("status").returncode == 0
 
 
 def _as_nobody(*argv: str) -> tuple[int, str]:

@@ -5,8 +5,6 @@ for as long as it lasts, and ``eoid reset`` (or, for a fault, a reload) recovers
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
 from collections.abc import Iterator
 
 import pytest
@@ -25,11 +23,6 @@ def env() -> Iterator[Env]:
         e.start_sim()
         e.start_daemon()
         yield e
-
-
-def eoid(env: Env, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "eoid.cli", *args, "-c", str(env.config)],
-                          capture_output=True, text=True, timeout=30, check=False)
 
 
 def state_gauge(env: Env, device: str) -> str:
@@ -56,7 +49,7 @@ def test_a_device_error_is_a_state_until_reset(env: Env) -> None:
         assert env.scrape()["eoid_device_up"][(("device", "dev0"),)] == 0
         assert env.scrape()["eoid_device_up"][(("device", "dev1"),)] == 1
         assert state_gauge(env, "dev1") == "armed"
-        text = eoid(env, "status")
+        text = env.command("status")
         assert text.returncode == 1, text
         assert "faulted" in text.stdout
         # while faulted, an EOI does not unmask the line (and is no unmask error)
@@ -70,7 +63,7 @@ def test_a_device_error_is_a_state_until_reset(env: Env) -> None:
         assert env.device("dev0")["state"] == "faulted"  # it lasts
         # eoid reset: reopened, armed, the same consumer's eventfds work again
         env.sim("ack", line="dev0")  # (a line still asserted would fire again at once)
-        result = eoid(env, "reset", "dev0")
+        result = env.command("reset", "dev0")
         assert result.returncode == 0, result.stderr
         assert env.device("dev0")["state"] == "armed" and env.device("dev0")["up"]
         assert state_gauge(env, "dev0") == "armed"
@@ -80,7 +73,7 @@ def test_a_device_error_is_a_state_until_reset(env: Env) -> None:
         vm.send_eoi()
         wait_until(lambda: env.sim("stats")["lines"]["dev0"]["unmasks"] > unmasks,
                    what="unmasked after the reset")
-        assert eoid(env, "status").returncode == 0
+        assert env.command("status").returncode == 0
 
 
 def test_a_reload_reopens_a_faulted_device(env: Env) -> None:
@@ -100,7 +93,7 @@ def test_an_interrupt_held_with_no_consumer_too_long_is_abandoned(env: Env) -> N
     wait_until(lambda: env.device("dev0")["state"] == "abandoned", what="abandoned")
     assert state_gauge(env, "dev0") == "abandoned"
     assert env.scrape()["eoid_device_up"][(("device", "dev0"),)] == 1  # open, only unclaimed
-    result = eoid(env, "status")
+    result = env.command("status")
     assert result.returncode == 1 and "abandoned" in result.stdout
     # a consumer that attaches gets the interrupt, as ever
     with Consumer(env.control, "dev0") as vm:
@@ -112,7 +105,7 @@ def test_reset_drops_an_abandoned_interrupt(env: Env) -> None:
     env.sim("raise", line="dev1")
     wait_until(lambda: env.device("dev1")["state"] == "abandoned", what="abandoned")
     env.sim("ack", line="dev1")  # the device no longer asserts: a reset loses nothing
-    assert eoid(env, "reset", "dev1").returncode == 0
+    assert env.command("reset", "dev1").returncode == 0
     assert env.device("dev1")["state"] == "armed"
     with Consumer(env.control, "dev1") as vm:
         assert vm.wait_irq(QUIET) == 0
@@ -122,5 +115,5 @@ def test_reset_of_an_unknown_device_is_refused(env: Env) -> None:
     with ControlClient(env.control) as client, pytest.raises(ProtocolError) as err:
         client.request("reset", device="nope")
     assert err.value.code == "unknown_device"
-    result = eoid(env, "reset", "nope")
+    result = env.command("reset", "nope")
     assert result.returncode == 1 and "nope" in result.stderr
