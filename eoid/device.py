@@ -77,6 +77,20 @@ class IntxDevice(Protocol):
     def enable(self, trigger_fd: int) -> None:
         """Register ``trigger_fd`` as the INTx trigger; the line starts unmasked."""
 
+    def route(self, trigger_fd: int, unmask_fd: int | None) -> None:
+        """Re-route a live (enabled or adopted) line for a datapath switch: its trigger
+        becomes ``trigger_fd`` and ``unmask_fd`` is bound as its unmask eventfd, which the
+        backend (the kernel's virqfd, or the sim playing it) reads and unmasks on; None
+        unbinds it. The line's masked state is kept and nothing is unmasked. The order
+        keeps every fire delivered and every EOI unmasking: with an ``unmask_fd`` it is
+        bound first and the trigger swapped second; without one, the trigger is swapped
+        first and the unmask eventfd unbound second (docs/intx-eoi.md §14)."""
+
+    def host_interrupts(self) -> int | None:
+        """How many interrupts the line has signalled so far as its host counts them (the
+        device's row in /proc/interrupts; the sim's fires), or None where unknown. For
+        kernel mode, where eoid sees none itself. May lag (sim: the last answer)."""
+
     def unmask(self) -> None:
         """Re-enable the line after an EOI (the hot path: one syscall)."""
 
