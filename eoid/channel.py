@@ -39,10 +39,13 @@ class State(enum.IntEnum):
     # these (its line goes on as before underneath):
     FAULTED = 5  # the device reported an error: no unmask until it is reset or reopened
     ABANDONED = 6  # HELD for longer than ``policy.held_timeout``: no consumer came for it
+    KERNEL = 7  # on the kernel's path (``to_kernel``): the consumer's eventfds are the line's
+    # trigger and unmask, and whether an interrupt is pending is not eoid's to know
 
 
 # Module-level aliases: cheaper to reach on the hot path than attributes of the enum class.
 _DOWN, _ARMED, _PENDING, _HELD = State.DOWN, State.ARMED, State.PENDING, State.HELD
+_KERNEL = State.KERNEL
 
 # Actions, combined as bits.
 FORWARD = 1  # signal the consumer's irq eventfd
@@ -116,6 +119,31 @@ class Channel:
         self.adopting = True
         return TIMER
 
+    def to_kernel(self) -> int:
+        """Hand the line to the kernel's path (datapath ``kernel``, docs/intx-eoi.md §14):
+        from now on the kernel signals the consumer and unmasks on its EOI. What eoid owes
+        is done on the way out: a throttled line's deferred unmask (its EOI came), an
+        interrupt held for nobody delivered. A pending interrupt (adopting or not) needs
+        nothing: its EOI reaches the kernel's unmask. The storm policy does not follow
+        the line there: an episode ends."""
+        actions = TIMER
+        if self.state == State.THROTTLED:
+            actions |= UNMASK
+        elif self.state == State.HELD:
+            actions |= FORWARD
+        if self._episode:
+            actions |= self._end_episode()
+        self.state = State.KERNEL
+        self.timer_at = None
+        self.stuck = self.adopting = False
+        return actions
+
+    def from_kernel(self, triggers: int, eois: int, now: int) -> int:
+        """Take the line back from the kernel's path, with what the trigger and EOI
+        eventfds hold once it is re-routed. Nothing is known of the line: the
+        reconciliation is the one after a restart (``adopt``)."""
+        return self.adopt(triggers, eois, now)
+
     def disable(self) -> int:
         self.state = State.DOWN
         self.timer_at = None
@@ -150,6 +178,8 @@ class Channel:
         state = self.state
         if state is _DOWN or state is _HELD:
             return 0  # DOWN: a stale signal; HELD: already waiting for a consumer
+        if state is _KERNEL:
+            return FORWARD  # signalled before the trigger was swapped: the kernel's to end
         self.pending_since = now
         self.stuck = self.adopting = False
         if not self.attached:

@@ -92,6 +92,25 @@ def build_parser() -> argparse.ArgumentParser:
     _socket_args(p)
     p.add_argument("device", help="the device's name")
 
+    p = sub.add_parser("datapath", help="move a device between the relay and the kernel's path",
+                       description="Put a device on the relay (eoid forwards, times and "
+                       "polices every interrupt) or on the kernel's path (the consumer's "
+                       "eventfds are the line's trigger and unmask: no eoid wake-up per "
+                       "interrupt), live, until the next reload; 'configured' returns it to "
+                       "its YAML's datapath. Root or the daemon's user only.")
+    _socket_args(p)
+    p.add_argument("device", help="the device's name")
+    p.add_argument("datapath", choices=["relay", "kernel", "configured"])
+
+    p = sub.add_parser("observe", help="relay a device on the kernel's path for a while",
+                       description="Relay a device for DURATION (default 10s), so its "
+                       "service times, EOI timeouts and storms are measured, then return "
+                       "it to the kernel's path. Root or the daemon's user only.")
+    _socket_args(p)
+    p.add_argument("device", help="the device's name")
+    p.add_argument("--for", dest="duration", default="10s", metavar="DURATION",
+                   help="how long to relay (10ms to 1h; default 10s)")
+
     p = sub.add_parser("devices", help="list PCI devices usable with vfio-pci INTx",
                        description="List PCI devices bound to vfio-pci (and those that could "
                        "be), with IOMMU group, INTx pin, DisINTx and a ready device YAML.")
@@ -350,6 +369,33 @@ def cmd_reset(args: argparse.Namespace) -> int:
     return EX_OK
 
 
+def _render_path(reply: dict[str, Any]) -> str:
+    where = f"{reply['device']}: on the {reply['datapath']} path"
+    if reply["datapath"] != reply["wanted"]:
+        why = ("observing" if reply["observing"] else
+               "no consumer attached" if not reply["attached"] else
+               "the device is not up and healthy")
+        where += f" (wanted: {reply['wanted']}; {why})"
+    return where
+
+
+def cmd_datapath(args: argparse.Namespace) -> int:
+    reply = _ask(args, "datapath", device=args.device, datapath=args.datapath)
+    print(_render_path(reply))
+    return EX_OK
+
+
+def cmd_observe(args: argparse.Namespace) -> int:
+    try:
+        duration = parse_duration(args.duration)
+    except ValueError as e:
+        print(f"eoid observe: --for: {e}", file=sys.stderr)
+        return EX_USAGE
+    reply = _ask(args, "observe", device=args.device, seconds=duration / 1e9)
+    print(_render_path(reply))
+    return EX_OK
+
+
 def cmd_devices(args: argparse.Namespace) -> int:
     from eoid.vfio.probe import list_devices, render_devices
 
@@ -393,7 +439,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": cmd_run, "check-config": cmd_check_config, "status": cmd_status,
-            "reload": cmd_reload, "reset": cmd_reset, "devices": cmd_devices, "sim": cmd_sim,
+            "reload": cmd_reload, "reset": cmd_reset, "datapath": cmd_datapath,
+            "observe": cmd_observe, "devices": cmd_devices, "sim": cmd_sim,
             "demo": cmd_demo}
 
 if __name__ == "__main__":

@@ -327,12 +327,42 @@ class VfioBackend(_Strict):
     register_request_irqs: bool = True
 
 
+class Datapath(enum.StrEnum):
+    """Who carries a device's interrupts (README, "Two datapaths")."""
+
+    RELAY = "relay"  # eoid reads the trigger and the EOI, forwards and unmasks: sees all
+    KERNEL = "kernel"  # the consumer's eventfds are the line's trigger and unmask: no eoid
+
+
+ObservePeriod = Annotated[int, BeforeValidator(parse_duration),
+                          AfterValidator(_within("1s", "24h"))]
+ObserveWindow = Annotated[int, BeforeValidator(parse_duration),
+                          AfterValidator(_within("10ms", "1h"))]
+
+
+class Observe(_Strict):
+    """Sampled observation of a device on the kernel path: relay one window of ``for``
+    every ``every``, so latencies and stuck EOIs are still seen, at a fraction of the cost."""
+
+    every: ObservePeriod
+    window: ObserveWindow = Field(alias="for")
+
+    @model_validator(mode="after")
+    def _shorter(self) -> Observe:
+        if self.window >= self.every:
+            raise ValueError("'for' must be shorter than 'every'")
+        return self
+
+
 class DeviceConfig(_Strict):
     name: str
     pci_address: str
     backend: Annotated[SimBackend | VfioBackend, Field(discriminator="type")]
     consumers: Access = Access()
     policy: Policy = Policy()
+    datapath: Datapath = Datapath.RELAY
+    observe: Observe | None = None
+    """Applies while the device is on the kernel path."""
 
     @field_validator("name")
     @classmethod

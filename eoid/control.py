@@ -34,7 +34,7 @@ from typing import Any, Protocol
 
 import structlog
 
-from eoid.config import Access, ControlConfig
+from eoid.config import Access, ControlConfig, Datapath
 from eoid.errors import (
     DeviceBusy,
     EoidError,
@@ -103,6 +103,10 @@ class ControlHandler(Protocol):
 
     def reset(self, device: str) -> dict[str, Any]: ...
 
+    def set_datapath(self, device: str, datapath: Datapath | None) -> dict[str, Any]: ...
+
+    def observe(self, device: str, duration_ns: int) -> dict[str, Any]: ...
+
     def peer_closed(self, peer: Peer) -> None: ...
 
 
@@ -115,6 +119,26 @@ def _valid_id(value: Any) -> bool:
     if isinstance(value, float):
         return math.isfinite(value)
     return isinstance(value, str) and len(value) <= MAX_ID_CHARS
+
+
+def _datapath(value: Any) -> Datapath | None:
+    """A ``datapath`` request's path: relay, kernel, or ``configured`` (None)."""
+    if value == "configured":
+        return None
+    if isinstance(value, str) and value in Datapath.__members__.values():
+        return Datapath(value)
+    raise ProtocolError("bad_request", "'datapath' must be relay, kernel or configured")
+
+
+OBSERVE_MIN_NS, OBSERVE_MAX_NS = 10**7, 3600 * 10**9  # as ``observe: for:`` (10ms to 1h)
+
+
+def _observe_ns(value: Any) -> int:
+    """An ``observe`` request's ``seconds``, checked before it becomes a timer."""
+    if isinstance(value, int | float) and not isinstance(value, bool) \
+            and OBSERVE_MIN_NS <= value * 1e9 <= OBSERVE_MAX_NS:
+        return round(value * 1e9)
+    raise ProtocolError("bad_request", "'seconds' must be a number from 0.01 to 3600")
 
 
 def _short(text: str, limit: int = MAX_ERROR_CHARS) -> str:
@@ -437,16 +461,20 @@ class ControlServer:
         if op == "status":
             self._authorize(peer, self.config.status)
             return self.handler.status(), []
-        if op in ("reload", "reset"):
+        if op in ("reload", "reset", "datapath", "observe"):
             if peer.uid not in (0, os.getuid()):
                 raise ProtocolError("forbidden", f"only root or the daemon's user may {op}")
             if op == "reload":
                 return self.handler.reload(), []
             if not isinstance(device, str):
-                raise ProtocolError("bad_request", "reset needs a 'device' string")
-            return self.handler.reset(device), []
-        raise ProtocolError("unknown_op", f"unknown op {_short(repr(op), 64)} "
-                            "(expected hello, attach, detach, status, reload, reset)")
+                raise ProtocolError("bad_request", f"{op} needs a 'device' string")
+            if op == "reset":
+                return self.handler.reset(device), []
+            if op == "datapath":
+                return self.handler.set_datapath(device, _datapath(message.get("datapath"))), []
+            return self.handler.observe(device, _observe_ns(message.get("seconds"))), []
+        raise ProtocolError("unknown_op", f"unknown op {_short(repr(op), 64)} (expected hello, "
+                            "attach, detach, status, reload, reset, datapath, observe)")
 
     @staticmethod
     def _authorize(peer: Peer, access: Access | None) -> None:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from eoid import __version__, log
-from eoid.config import Config, DaemonConfig, DeviceConfig, load_config
+from eoid.config import Config, DaemonConfig, Datapath, DeviceConfig, load_config
 from eoid.consumer import Consumer
 from eoid.control import ControlServer, Peer
 from eoid.device import IntxDevice
@@ -380,6 +380,20 @@ class Daemon:
                 "up": runner.relaying, "state": runner.state.name.lower(),
                 "down_reason": runner.down_reason}
 
+    def set_datapath(self, name: str, datapath: Datapath | None) -> dict[str, Any]:
+        """``eoid datapath``: move the device, until the next reload (None: as configured)."""
+        runner = self._runner(name)
+        runner.set_datapath(datapath)
+        self._log.info("datapath set", device=name, wanted=runner.wanted_datapath.value,
+                       datapath=runner.datapath.value)
+        return runner.path_status()
+
+    def observe(self, name: str, duration_ns: int) -> dict[str, Any]:
+        """``eoid observe``: relay the device for a while (README, "Two datapaths")."""
+        runner = self._runner(name)
+        runner.observe(duration_ns)
+        return runner.path_status()
+
     def _retry(self, name: str) -> None:
         self._reopen.pop(name, None)
         runner = self.runners.get(name)
@@ -454,6 +468,9 @@ class Daemon:
                 self.runners[name].set_config(new.devices[name])
         for name in added:
             self._add(new.devices[name])
+        for runner in self.runners.values():  # ``eoid datapath`` holds until a reload
+            if runner.datapath_override is not None:
+                runner.set_datapath(None)
         for name, runner in self.runners.items():  # a reload is also "try again now"
             if name in added:
                 continue

@@ -86,10 +86,11 @@ class IntxDevice(Protocol):
         bound first and the trigger swapped second; without one, the trigger is swapped
         first and the unmask eventfd unbound second (docs/intx-eoi.md §14)."""
 
-    def host_interrupts(self) -> int | None:
-        """How many interrupts the line has signalled so far as its host counts them (the
-        device's row in /proc/interrupts; the sim's fires), or None where unknown. For
-        kernel mode, where eoid sees none itself. May lag (sim: the last answer)."""
+    def kernel_interrupts(self) -> int | None:
+        """How many interrupts took the kernel's path (routed to a consumer's eventfds)
+        since the device was opened, as its host counts them (vfio: the deltas of the
+        line's row in /proc/interrupts while routed; sim: its fires meanwhile); None where
+        unknown. eoid sees none of those itself. May lag (sim: as last answered)."""
 
     def unmask(self) -> None:
         """Re-enable the line after an EOI (the hot path: one syscall)."""

@@ -53,6 +53,8 @@ COUNTERS: tuple[tuple[str, str, str], ...] = (
     ("eoi_timeouts", "eoid_eoi_timeouts", "Interrupts whose EOI did not come within eoi_timeout."),
     ("storm_throttles", "eoid_storm_throttles", "Unmasks deferred by storm protection."),
     ("forwards", "eoid_forwards", "Interrupt signals written to the consumer's irq eventfd."),
+    ("kernel_interrupts", "eoid_kernel_interrupts",
+     "Interrupts carried by the kernel's path (datapath kernel), as the host counted them."),
 )
 
 HISTOGRAMS: tuple[tuple[str, str, str], ...] = (

@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import functools
 import os
+import random
 import select
 from collections.abc import Callable
 from os import eventfd_write
@@ -38,7 +39,7 @@ try:
 except ImportError:  # built without a C compiler: the channel alone runs every device
     _fastpath = None  # type: ignore[assignment]
 from eoid.channel import EOI_TIMEOUT, FORWARD, STORM_BEGIN, STORM_END, TIMER, UNMASK, Channel, State
-from eoid.config import DeviceConfig, format_duration
+from eoid.config import Datapath, DeviceConfig, format_duration
 from eoid.consumer import Consumer
 from eoid.device import DeviceEvent, IntxDevice, drain_eventfd
 from eoid.errors import DeviceBusy, DeviceError, NotAllowed, NotAttached
@@ -137,6 +138,19 @@ class DeviceRunner:
         self._failing: set[str] = set()  # ops whose failure was logged, until one succeeds
         self._lane_errors = (0, 0, 0, 0)  # the fast path's errors, as last seen
         self._watching = False  # the loop reads trigger and eoi (not the lane)
+        # The datapath (README, "Two datapaths"): the one the line is on now, and what an
+        # operator asked for until the next reload (``eoid datapath``). The line is on the
+        # kernel's path only while the device is up and healthy, a consumer is attached,
+        # and no observation window is open (``_path``).
+        self.datapath = Datapath.RELAY
+        self.datapath_override: Datapath | None = None
+        self._observing_until = 0  # monotonic ns: relayed until then (``observe``)
+        self._observe_timer: asyncio.TimerHandle | None = None
+        self._sample_timer: asyncio.TimerHandle | None = None
+        # the device's ``kernel_interrupts`` as last added to the stats (None: not yet
+        # known, e.g. adopted: its first answer is the baseline)
+        self._kernel_seen: int | None = 0
+        self.observations = 0  # observation windows opened (``eoid observe``, sampling)
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0
 
@@ -158,9 +172,15 @@ class DeviceRunner:
         """The device's statistics: the channel's, plus (in a copy) what the fast path
         counted. It only reads, so the metrics thread may take it while the loop runs."""
         counts = self._fast.counts() if self._fast is not None else None
+        live = self._kernel_window()
         if counts is None:
-            return self.channel.stats
+            if not live:
+                return self.channel.stats
+            stats = self.channel.stats.copy()
+            stats.kernel_interrupts += live
+            return stats
         stats = self.channel.stats.copy()
+        stats.kernel_interrupts += live
         stats.interrupts += counts.interrupts
         stats.coalesced_interrupts += counts.coalesced
         stats.eois += counts.eois
@@ -175,6 +195,15 @@ class DeviceRunner:
         stats.dispatch_latency.add(counts.dispatch, counts.dispatch_ns)
         stats.unmask_latency.add(counts.unmask, counts.unmask_ns)
         return stats
+
+    def _kernel_window(self) -> int:
+        """What the device counted on the kernel's path and the stats do not hold yet
+        (``_count_kernel`` adds it on the loop; this only reads: any thread)."""
+        device, seen = self.device, self._kernel_seen
+        if device is None or seen is None:
+            return 0
+        now = device.kernel_interrupts()
+        return now - seen if now is not None and now > seen else 0
 
     @property
     def interrupts(self) -> int:
@@ -207,6 +236,7 @@ class DeviceRunner:
     def start(self, device: IntxDevice, adopted: bool = False) -> None:
         """Arm the line. ``adopted``: the device was enabled by a previous eoid process."""
         self.device = device
+        self._kernel_seen = None if adopted else 0  # counted per open (``kernel_interrupts``)
         self._device_unmask = device.unmask  # bound once
         if self._fast is not None:
             self._fast.set_unmask(*(device.unmask_op() or (-1,)))
@@ -219,8 +249,16 @@ class DeviceRunner:
         self.channel.attached = self.consumer is not None
         now = monotonic_ns()
         if adopted:
-            # While no eoid ran, the line may have fired and the consumer may have sent
-            # an EOI: the channel decides from both counts what is owed (docs/intx-eoi.md §9).
+            # The previous eoid may have left the line on the kernel's path: back to the
+            # relay first (a no-op if it was there). While no eoid ran, the line may have
+            # fired and the consumer may have sent an EOI: the channel decides from both
+            # counts what is owed (docs/intx-eoi.md §9).
+            try:
+                device.route(self.trigger_fd, None)
+            except DeviceError as e:
+                self.channel.stats.errors["route"] += 1
+                self.stop(f"re-routing the adopted line failed: {e}")
+                raise
             triggers, eois = drain_eventfd(self.trigger_fd), drain_eventfd(self.eoi_fd)
             self._act(self.channel.adopt(triggers, eois, now), now)
         else:
@@ -234,6 +272,7 @@ class DeviceRunner:
             self._act(self.channel.attach(now) if self.consumer else 0, now)
         self._log.info("device armed", backend=device.info.backend,
                        pci_address=device.info.pci_address, adopted=adopted)
+        self._reroute()
 
     @_owning
     def stop(self, reason: str, release: bool = True) -> None:
@@ -242,6 +281,9 @@ class DeviceRunner:
         self._device_unmask = _refuse(self.name, "the device is down")
         if self._fast is not None:
             self._fast.set_unmask(-1)
+        if self.device is not None:
+            self._count_kernel(self.device)
+        self.datapath = Datapath.RELAY  # a device opened again starts on the relay
         device, self.device = self.device, None
         self.down_reason = reason
         self._cancel_timer()
@@ -266,6 +308,9 @@ class DeviceRunner:
         if self.consumer is not None:
             self.consumer.attached.discard(self.name)
             self.consumer = None
+        self._end_sampling()
+        if self._observe_timer is not None:
+            self._observe_timer.cancel()
         if self._lane is not None and self._fast is not None:
             self._lane.remove(self._fast)
         for fd in (self.trigger_fd, self.irq_fd, self.eoi_fd):
@@ -282,6 +327,8 @@ class DeviceRunner:
         if peer is not None and not config.consumers.allows(peer.uid, peer.gids):
             self._detach(peer)
             peer.device_event("detached", self.name, "no longer allowed by the configuration")
+        self._end_sampling()
+        self._reroute()
 
     # --- the fast path's hand-over -------------------------------------------------------
 
@@ -371,9 +418,11 @@ class DeviceRunner:
             self._log.info(f"{op} works again")
 
     def _watch(self) -> None:
+        """Read the trigger on the loop, and the EOI unless the kernel's unmask reads it."""
         if not self._watching:
             self.loop.add_reader(self.trigger_fd, self._on_trigger_ready)
-            self.loop.add_reader(self.eoi_fd, self._on_eoi_ready)
+            if self.datapath is Datapath.RELAY:
+                self.loop.add_reader(self.eoi_fd, self._on_eoi_ready)
             self._watching = True
 
     def _unwatch(self) -> None:
@@ -398,7 +447,8 @@ class DeviceRunner:
 
     @_owning
     def _on_eoi_ready(self) -> None:
-        self._read_eoi()
+        if self.datapath is Datapath.RELAY:  # (on the kernel's path, the count is its own)
+            self._read_eoi()
 
     def _trigger(self, count: int) -> None:
         now = monotonic_ns()
@@ -424,9 +474,11 @@ class DeviceRunner:
             self._eoi(count)
 
     def _settle(self) -> None:
-        """Handle what the eventfds hold now, before a decision that depends on it."""
+        """Handle what the eventfds hold now, before a decision that depends on it. (On
+        the kernel's path the EOI count is the kernel's: reading it would lose an unmask.)"""
         self._read_trigger()
-        self._read_eoi()
+        if self.datapath is Datapath.RELAY:
+            self._read_eoi()
 
     def _forward(self, since: int) -> None:
         stats = self.channel.stats
@@ -505,6 +557,144 @@ class DeviceRunner:
         elif log.REPEATS.logging(key):  # the episode's start was logged, not summarised
             self._log.info("interrupt storm over", throttles=self.channel.stats.storm_throttles)
 
+    # --- the datapath -------------------------------------------------------------------
+
+    @property
+    def wanted_datapath(self) -> Datapath:
+        """The datapath the configuration (or ``eoid datapath``, until a reload) asks for."""
+        return self.datapath_override or self.config.datapath
+
+    @property
+    def observing(self) -> bool:
+        """An observation window is open: the device is relayed until it ends."""
+        return monotonic_ns() < self._observing_until
+
+    def _path(self) -> Datapath:
+        """The path the line belongs on now. The kernel's path needs a consumer to take its
+        interrupts and end them (without one, relaying holds an interrupt for the next),
+        and a healthy device (the kernel's unmask would go on unmasking a faulted one)."""
+        if (self.wanted_datapath is Datapath.KERNEL and self.device is not None
+                and not self.faulted and self.consumer is not None and not self.observing):
+            return Datapath.KERNEL
+        return Datapath.RELAY
+
+    def _reroute(self) -> None:
+        """Put the line on the path it belongs on (``_path``), if it is not there."""
+        path = self._path()
+        if path is not self.datapath:
+            self._to_kernel() if path is Datapath.KERNEL else self._to_relay()
+        if self.wanted_datapath is Datapath.KERNEL and self.config.observe is not None:
+            self._start_sampling()
+
+    def _to_kernel(self) -> None:
+        """Relay → kernel: the consumer's eoi eventfd becomes the line's unmask, then its
+        irq eventfd the trigger (``IntxDevice.route``); eoid then reads neither. A fire
+        signalled on eoid's trigger before the swap is still read and forwarded."""
+        device = self.device
+        assert device is not None
+        self._settle()  # what came before the switch is the channel's to act on
+        try:
+            device.route(self.irq_fd, self.eoi_fd)
+        except (DeviceError, OSError) as e:
+            self._route_failed(device, e)
+            return
+        self._unwatch()
+        self.datapath = Datapath.KERNEL
+        self._watch()
+        self._cancel_timer()
+        now = monotonic_ns()
+        actions = self.channel.to_kernel()
+        self._act(actions, now)
+        if actions & STORM_END:
+            self._log_storm(actions)
+        self._count_kernel(device)
+        self._log.debug("on the kernel's path")
+
+    def _to_relay(self) -> None:
+        """Kernel → relay: the trigger back to eoid's eventfd, then the unmask unbound;
+        the channel takes the line over from what the two eventfds hold (``from_kernel``)."""
+        device = self.device
+        assert device is not None
+        try:
+            device.route(self.trigger_fd, None)
+        except (DeviceError, OSError) as e:
+            self._route_failed(device, e)
+            return
+        self._count_kernel(device)
+        self._unwatch()
+        self.datapath = Datapath.RELAY
+        self._watch()
+        now = monotonic_ns()
+        triggers, eois = drain_eventfd(self.trigger_fd), drain_eventfd(self.eoi_fd)
+        self._act(self.channel.from_kernel(triggers, eois, now), now)
+        self._log.debug("on the relay")
+
+    def _count_kernel(self, device: IntxDevice) -> None:
+        """Add what the device counted on the kernel's path since last asked."""
+        now = device.kernel_interrupts()
+        if now is None:
+            return
+        if self._kernel_seen is not None and now > self._kernel_seen:
+            self.channel.stats.kernel_interrupts += now - self._kernel_seen
+        self._kernel_seen = now
+
+    def _route_failed(self, device: IntxDevice, error: Exception) -> None:
+        """A half-made switch leaves the line in a state nobody owns: reopen the device."""
+        self._fail("route", error)
+        held = list(device.held_fds())
+        reason = f"datapath switch failed: {error}"
+        self.stop(reason)
+        self.on_down(self, reason, held)
+
+    @_owning
+    def set_datapath(self, path: Datapath | None) -> None:
+        """``eoid datapath``: the path to use until the next reload (None: the configured)."""
+        self.datapath_override = path
+        self._end_sampling()
+        self._reroute()
+
+    @_owning
+    def observe(self, duration: int) -> None:
+        """Relay the device for ``duration`` ns, then return it to the kernel's path (if it
+        is wanted there): latencies and stuck EOIs are seen during the window."""
+        now = monotonic_ns()
+        if now + duration <= self._observing_until:
+            return
+        self._observing_until = now + duration
+        self.observations += 1
+        if self._observe_timer is not None:
+            self._observe_timer.cancel()
+        self._observe_timer = self.loop.call_later(duration * 1e-9 + TIMER_SLACK,
+                                                   self._observed)
+        self._reroute()
+
+    @_owning
+    def _observed(self) -> None:
+        self._observe_timer = None
+        self._observing_until = 0
+        self._reroute()
+
+    def _start_sampling(self) -> None:
+        """``observe: {every, for}``: one window a period, the first at a random phase
+        (devices configured together do not all switch at once)."""
+        if self._sample_timer is None and self.config.observe is not None:
+            every = self.config.observe.every * 1e-9
+            self._sample_timer = self.loop.call_later(random.uniform(0, every), self._sample)
+
+    def _sample(self) -> None:
+        observe = self.config.observe
+        self._sample_timer = None
+        if observe is None or self.wanted_datapath is not Datapath.KERNEL:
+            return
+        self._sample_timer = self.loop.call_later(observe.every * 1e-9, self._sample)
+        if self.device is not None and self.consumer is not None:
+            self.observe(observe.window)
+
+    def _end_sampling(self) -> None:
+        if self._sample_timer is not None:
+            self._sample_timer.cancel()
+            self._sample_timer = None
+
     # --- consumers -----------------------------------------------------------------------
 
     @_owning
@@ -525,7 +715,9 @@ class DeviceRunner:
         else:
             self.channel.attached = True
         self._log.info("consumer attached", pid=peer.pid, uid=peer.uid)
-        return [os.dup(self.irq_fd), os.dup(self.eoi_fd)]
+        fds = [os.dup(self.irq_fd), os.dup(self.eoi_fd)]
+        self._reroute()
+        return fds
 
     @_owning
     def detach(self, peer: Consumer) -> None:
@@ -534,6 +726,8 @@ class DeviceRunner:
     def _detach(self, peer: Consumer) -> None:
         if self.consumer is not peer:
             raise NotAttached(f"not attached to {self.name}")
+        if self.datapath is Datapath.KERNEL:  # no consumer, no kernel path: see ``_path``
+            self._to_relay()
         if self.device is not None:
             # the line first (the channel may unmask); an EOI written just before
             # leaving still ends the interrupt
@@ -561,6 +755,7 @@ class DeviceRunner:
                             "`eoid reset` or a reload reopens it")
             if self.consumer is not None:
                 self.consumer.device_event("device_error", self.name)
+            self._reroute()  # the kernel's path would go on unmasking it
             return
         reason = ("the host asked for the device back (unbind or hot-unplug)"
                   if event is DeviceEvent.REQUEST else "the device went away")
@@ -580,8 +775,16 @@ class DeviceRunner:
         reset()
         return True
 
+    def path_status(self) -> dict[str, Any]:
+        """Where the line is and why (``eoid datapath``/``observe`` replies, ``status``)."""
+        return {"device": self.name, "datapath": self.datapath.value,
+                "wanted": self.wanted_datapath.value, "observing": self.observing,
+                "attached": self.consumer is not None, "up": self.relaying,
+                "observations": self.observations}
+
     def status(self) -> dict[str, Any]:
         ch, stats = self.channel, self.stats
+        total = stats.interrupts + stats.kernel_interrupts
         return {"name": self.name, "up": self.relaying, "state": self.state.name.lower(),
                 "down_reason": self.down_reason, "faulted": self.faulted, "stuck": ch.stuck,
                 "storm": ch.in_storm, "pci_address": self.config.pci_address,
@@ -592,4 +795,7 @@ class DeviceRunner:
                                  "service", "unmask_latency", "dispatch_latency")},
                 "service_p50_seconds": stats.service.quantile(0.5),
                 "service_p99_seconds": stats.service.quantile(0.99),
-                "unmask_p99_seconds": stats.unmask_latency.quantile(0.99)}
+                "unmask_p99_seconds": stats.unmask_latency.quantile(0.99),
+                "datapath": self.datapath.value, "datapath_wanted": self.wanted_datapath.value,
+                "observing": self.observing, "observations": self.observations,
+                "observed_ratio": stats.interrupts / total if total else None}

@@ -120,11 +120,12 @@ def human_seconds(seconds: float | None) -> str:
     return f"{seconds * 1e6:.0f}us" if seconds < 0.01 else f"{seconds * 1e3:.1f}ms"
 
 
-ERROR_OPS = ("enable", "unmask", "mask", "disable", "forward", "device_event", "fastpath")
+ERROR_OPS = ("enable", "unmask", "mask", "disable", "forward", "device_event", "fastpath",
+             "route")
 """fastpath: the lane's own syscalls on a device's fds (epoll_ctl, reads), failed."""
 
 COUNTERS = ("interrupts", "eois", "unmasks", "spurious_eois", "coalesced_interrupts",
-            "eoi_timeouts", "storm_throttles", "forwards")
+            "eoi_timeouts", "storm_throttles", "forwards", "kernel_interrupts")
 
 
 class DeviceStats:
@@ -141,6 +142,9 @@ class DeviceStats:
         self.eoi_timeouts = 0
         self.storm_throttles = 0
         self.forwards = 0  # signals written to the consumer's irq eventfd
+        # interrupts that took the kernel's path (datapath kernel), as the host counted
+        # them: eoid sees none of those itself
+        self.kernel_interrupts = 0
         self.errors = dict.fromkeys(ERROR_OPS, 0)
         self.service = Histogram()  # trigger → EOI: the guest's service time
         self.unmask_latency = Histogram()  # EOI wake-up → unmask done: our overhead

@@ -288,6 +288,8 @@ class SimDevice:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._on_event: Callable[[int], None] | None = None
         self._opening: asyncio.Future[dict[str, Any]] | None = None
+        self._kernel_fires: int | None = None  # ``kernel_interrupts``, as the sim last said
+        self._asking = False
         if adopt is not None:  # re-adopted after a restart: the sim never noticed we left
             self.unmask_fd = adopt.pop("unmask", -1)
             close_all(adopt.values())  # not ours (an older eoid's per-device socket)
@@ -340,11 +342,16 @@ class SimDevice:
         done.add_done_callback(lambda _: asked.cancel())
         return done
 
-    def _send(self, op: str, fds: tuple[int, ...] = ()) -> None:
+    def _send(self, op: str, fds: tuple[int, ...] = (),
+              on_reply: Callable[[dict[str, Any]], None] | None = None) -> None:
         """A request the device needs to succeed: if it does not, the device is GONE (and
         reopened by the daemon), as a VFIO device whose ioctl fails is taken down."""
         def done(future: asyncio.Future[dict[str, Any]]) -> None:
-            if future.cancelled() or future.exception() is None:
+            if future.cancelled():
+                return
+            if future.exception() is None:
+                if on_reply is not None:
+                    on_reply(future.result())
                 return
             if self.conn.devices.get(self.line) is self:  # not closed meanwhile
                 _LOG.warning("sim request failed; the device goes down", device=self.name,
@@ -372,6 +379,37 @@ class SimDevice:
 
     def enable(self, trigger_fd: int) -> None:
         self._send("enable", fds=(trigger_fd, self.unmask_fd))
+
+    def route(self, trigger_fd: int, unmask_fd: int | None) -> None:
+        """The sim plays the kernel's path: it binds ``unmask_fd`` and swaps the trigger in
+        one step of its loop (so the order within is moot), and answers with its count."""
+        fds = (trigger_fd,) if unmask_fd is None else (trigger_fd, unmask_fd)
+        self._send("route", fds, on_reply=self._note_fires)
+
+    def kernel_interrupts(self) -> int | None:
+        """The sim's count of the line's fires while routed to the kernel's path, as last
+        answered; asks again (from any thread: the metrics thread calls this too) unless a
+        question is in flight. Exact once the sim has answered after the last fire."""
+        if not self._asking:
+            self._asking = True
+            self.conn.loop.call_soon_threadsafe(self._ask_kernel_fires)
+        return self._kernel_fires
+
+    def _ask_kernel_fires(self) -> None:
+        if self.conn.devices.get(self.line) is not self:  # closed meanwhile
+            self._asking = False
+            return
+
+        def done(future: asyncio.Future[dict[str, Any]]) -> None:
+            self._asking = False
+            if not future.cancelled() and future.exception() is None:
+                self._note_fires(future.result())
+        self.conn.request(self.name, "fires", line=self.line).add_done_callback(done)
+
+    def _note_fires(self, reply: dict[str, Any]) -> None:
+        fires = reply.get("kernel_fires")
+        if isinstance(fires, int) and (self._kernel_fires is None or fires > self._kernel_fires):
+            self._kernel_fires = fires
 
     def unmask(self) -> None:
         os.eventfd_write(self.unmask_fd, 1)

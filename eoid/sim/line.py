@@ -5,7 +5,10 @@ The model follows drivers/vfio/pci/vfio_pci_intrs.c for a DisINTx-capable device
   (auto-mask); further assertions while masked signal nothing;
 - an unmask while the device still asserts re-signals the trigger and stays masked;
   otherwise it unmasks; an unmask of an unmasked line is a no-op;
-- enabling a trigger while the device asserts fires at once.
+- enabling a trigger while the device asserts fires at once;
+- ``route`` plays the kernel's path (docs/intx-eoi.md §12, §14): a trigger swapped on a live
+  line keeps its masked state, and an eventfd bound as the unmask (the virqfd) is read by
+  the sim, which unmasks on it; a count already there when bound unmasks at once.
 The device side is a status register of pending events: ``raise_`` adds events and
 asserts the line (as QEMU's ``edu`` does), ``ack`` (the guest driver servicing the device)
 clears them. ``queue`` models a device with one interrupt per event (a command
@@ -24,8 +27,9 @@ from eoid.device import drain_eventfd
 class SimLine:
     """One simulated device and its INTx line as vfio-pci would present it."""
 
-    __slots__ = ("acked", "asserted_at", "enabled", "fires", "masked", "name", "pending",
-                 "queued", "raised", "stuck", "trigger_fd", "unmask_fd", "unmasks")
+    __slots__ = ("acked", "asserted_at", "enabled", "fires", "kernel_fires", "masked", "name",
+                 "pending", "queued", "raised", "stuck", "trigger_fd", "unmask_fd", "unmasks",
+                 "virqfd", "virqfd_unmasks")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -41,6 +45,9 @@ class SimLine:
         self.acked = 0  # events the guest serviced
         self.fires = 0  # trigger signals (what eoid should count as interrupts)
         self.unmasks = 0  # unmask signals received
+        self.virqfd = -1  # the bound unmask eventfd of the kernel's path (``route``)
+        self.kernel_fires = 0  # fires while a virqfd was bound: the kernel's path's share
+        self.virqfd_unmasks = 0  # EOIs the virqfd read
 
     @property
     def asserted(self) -> bool:
@@ -87,6 +94,36 @@ class SimLine:
         self.unmasks += count
         self.unmask()
 
+    def on_virqfd(self) -> None:
+        """The bound unmask eventfd became readable: the consumer's EOI (the kernel's path)."""
+        count = drain_eventfd(self.virqfd)
+        if count:
+            self.virqfd_unmasks += count
+            self.unmask()
+
+    def route(self, trigger_fd: int, virqfd: int) -> None:
+        """Re-route a live line (``IntxDevice.route``): with a ``virqfd`` (>= 0), bind it
+        first, then swap the trigger; without, swap first, then unbind. Takes ownership of
+        both fds. The masked state is kept; a count already in the virqfd unmasks."""
+        if virqfd >= 0:
+            self._unbind()
+            self.virqfd = virqfd
+            self._swap(trigger_fd)
+            self.on_virqfd()
+        else:
+            self._swap(trigger_fd)
+            self._unbind()
+
+    def _swap(self, trigger_fd: int) -> None:
+        if self.trigger_fd >= 0:
+            os.close(self.trigger_fd)
+        self.trigger_fd = trigger_fd
+
+    def _unbind(self) -> None:
+        if self.virqfd >= 0:
+            os.close(self.virqfd)
+            self.virqfd = -1
+
     def unmask(self) -> None:
         if not (self.enabled and self.masked):
             return
@@ -107,18 +144,21 @@ class SimLine:
 
     def disable(self) -> None:
         """Drop the trigger; closes the eventfds the daemon lent us."""
-        for fd in (self.trigger_fd, self.unmask_fd):
+        for fd in (self.trigger_fd, self.unmask_fd, self.virqfd):
             if fd >= 0:
                 os.close(fd)
-        self.trigger_fd = self.unmask_fd = -1
+        self.trigger_fd = self.unmask_fd = self.virqfd = -1
         self.enabled = self.masked = False
 
     def _fire(self) -> None:
         self.masked = True
         self.fires += 1
+        self.kernel_fires += self.virqfd >= 0
         os.eventfd_write(self.trigger_fd, 1)
 
     def counters(self) -> dict[str, int | bool]:
         return {"raised": self.raised, "acked": self.acked, "fires": self.fires,
-                "unmasks": self.unmasks, "pending": self.pending, "queued": self.queued,
+                "unmasks": self.unmasks, "kernel_fires": self.kernel_fires,
+                "virqfd_unmasks": self.virqfd_unmasks, "pending": self.pending,
+                "queued": self.queued,
                 "asserted": self.asserted, "masked": self.masked, "enabled": self.enabled}

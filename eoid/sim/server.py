@@ -368,8 +368,9 @@ class SimServer:
         self._disable(self.lines[name])
 
     def _disable(self, line: SimLine) -> None:
-        if line.unmask_fd >= 0:
-            self.loop.remove_reader(line.unmask_fd)
+        for fd in (line.unmask_fd, line.virqfd):
+            if fd >= 0:
+                self.loop.remove_reader(fd)
         line.disable()
 
     def _readable(self, conn: socket.socket) -> None:
@@ -409,7 +410,24 @@ class SimServer:
             line.enable(fds[0], fds[1])
             self.loop.add_reader(line.unmask_fd, line.on_unmask)
             return {"ok": True}
+        if op == "route":  # the datapath switch: a trigger, and the unmask eventfd or none
+            try:
+                line = self._owned(conn, msg)
+                if not line.enabled or len(fds) not in (1, 2):
+                    raise ProtocolError("bad_request", "route needs an enabled line, a "
+                                        "trigger fd and at most an unmask fd")
+            except ProtocolError:
+                close_all(fds)
+                raise
+            if line.virqfd >= 0:
+                self.loop.remove_reader(line.virqfd)
+            line.route(fds[0], fds[1] if len(fds) == 2 else -1)
+            if line.virqfd >= 0:
+                self.loop.add_reader(line.virqfd, line.on_virqfd)
+            return {"ok": True, "kernel_fires": line.kernel_fires}
         close_all(fds)
+        if op == "fires":  # what /proc/interrupts tells of a real line, on the kernel's path
+            return {"ok": True, "kernel_fires": self._owned(conn, msg).kernel_fires}
         if op == "open":
             name = str(msg.get("line"))
             if name not in self.lines:
@@ -417,6 +435,7 @@ class SimServer:
             if self.owners.setdefault(name, conn) is not conn:
                 raise ProtocolError("busy", f"line {name!r} is already open")
             self._conns[conn].add(name)
+            self.lines[name].kernel_fires = 0  # counted per open, as VFIO's device is
             return {"ok": True, "line": name}
         if op in ("mask", "disable", "close"):
             line = self._owned(conn, msg)
@@ -448,6 +467,8 @@ class SimServer:
             for sim_line in self.lines.values():  # unmasks already signalled count too: a
                 if sim_line.unmask_fd >= 0:  # reader may hold them, not yet run this turn
                     sim_line.on_unmask()
+                if sim_line.virqfd >= 0:
+                    sim_line.on_virqfd()
             return {"ok": True, "elapsed": time.monotonic() - self.started,
                     "loading": self.loading, "lines": self.stats()}
         if op in ("heal", "quiesce"):  # stop misbehaving; quiesce also stops the load

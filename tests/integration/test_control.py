@@ -387,6 +387,12 @@ class _NoHandler:
     def reset(self, device: str) -> dict[str, Any]:
         raise AssertionError
 
+    def set_datapath(self, device: str, datapath: Any) -> dict[str, Any]:
+        raise AssertionError
+
+    def observe(self, device: str, duration_ns: int) -> dict[str, Any]:
+        raise AssertionError
+
     def peer_closed(self, peer: Any) -> None:
         pass
 
