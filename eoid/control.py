@@ -135,9 +135,13 @@ OBSERVE_MIN_NS, OBSERVE_MAX_NS = 10**7, 3600 * 10**9  # as ``observe: for:`` (10
 
 def _observe_ns(value: Any) -> int:
     """An ``observe`` request's ``seconds``, checked before it becomes a timer."""
-    if isinstance(value, int | float) and not isinstance(value, bool) \
-            and OBSERVE_MIN_NS <= value * 1e9 <= OBSERVE_MAX_NS:
-        return round(value * 1e9)
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        try:
+            ns = float(value) * 1e9
+        except OverflowError:  # an int of hundreds of digits
+            ns = math.inf
+        if OBSERVE_MIN_NS <= ns <= OBSERVE_MAX_NS:  # (NaN compares false)
+            return round(ns)
     raise ProtocolError("bad_request", "'seconds' must be a number from 0.01 to 3600")
 
 
