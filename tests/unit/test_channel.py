@@ -419,3 +419,60 @@ def test_every_eoi_of_a_pending_interrupt_unmasks_exactly_once(counts: list[int]
 def test_storm_policy_validation() -> None:
     with pytest.raises(ValueError, match="backoff_max is shorter"):
         StormPolicy.model_validate({"backoff_initial": "1s", "backoff_max": "1ms"})
+
+
+# --- the kernel's path (datapath: kernel) ------------------------------------------------
+
+
+def test_to_kernel_from_armed_or_pending_owes_nothing() -> None:
+    for fire in (False, True):
+        ch = armed()
+        if fire:
+            ch.trigger(1, 0)  # pending: its EOI will reach the kernel's unmask
+        assert ch.to_kernel() == TIMER
+        assert (state(ch), ch.timer_at, ch.stuck) == (State.KERNEL, None, False)
+
+
+def test_to_kernel_unmasks_a_throttled_line_and_ends_the_storm() -> None:
+    ch = armed(policy(storm={"burst": 1, "max_rate": 1}))
+    ch.trigger(1, 0)
+    ch.eoi(1, 1)
+    ch.trigger(1, 2)
+    assert ch.eoi(1, 3) & STORM_BEGIN
+    assert state(ch) is State.THROTTLED
+    assert ch.to_kernel() == UNMASK | TIMER | STORM_END
+    assert not ch.in_storm
+
+
+def test_to_kernel_delivers_an_interrupt_held_for_nobody() -> None:
+    ch = armed(attached=False)
+    ch.trigger(1, 0)
+    assert state(ch) is State.HELD
+    assert ch.to_kernel() & FORWARD
+
+
+def test_a_fire_read_on_the_kernel_path_is_forwarded_and_counted() -> None:
+    ch = armed()
+    ch.to_kernel()
+    assert ch.trigger(2, 5) == FORWARD
+    assert state(ch) is State.KERNEL
+    assert (ch.stats.interrupts, ch.stats.coalesced_interrupts) == (2, 1)
+    assert ch.lend() is None  # the fast path never runs a line on the kernel's path
+
+
+@pytest.mark.parametrize(("triggers", "eois", "actions", "after"), [
+    (1, 0, FORWARD | TIMER, State.PENDING),  # fired after the swap: deliver
+    (1, 1, FORWARD | TIMER, State.PENDING),  # the EOI beside it cannot be for it
+    (0, 1, UNMASK | TIMER, State.ARMED),  # an EOI alone ended what the kernel carried
+    (0, 0, TIMER, State.PENDING),  # nothing known: wait eoi_timeout, then unmask
+])
+def test_from_kernel_reconciles_as_after_a_restart(triggers: int, eois: int, actions: int,
+                                                   after: State) -> None:
+    ch = armed()
+    ch.to_kernel()
+    assert ch.from_kernel(triggers, eois, 10 * MS) == actions
+    assert state(ch) is after
+    if not triggers and not eois:
+        assert ch.adopting and ch.timer_at == 110 * MS
+        assert ch.timer(110 * MS) == UNMASK | TIMER
+        assert ch.stats.eoi_timeouts == 0  # not an interrupt we timed
