@@ -225,3 +225,47 @@ def test_a_removed_device_leaves_the_store(supervised: Supervised) -> None:
     wait_until(lambda: not any(n.startswith("d.dev1.") for n in stored()), 10,
                "dev1's fds removed from the store")
     assert {"d.dev0.trigger", "d.dev0.unmask", sim_fd_name(str(env.sim_socket))} <= stored()
+
+
+def test_the_kernel_path_outlives_a_sigkill_and_the_successor_takes_it_over() -> None:
+    """On the kernel's path no eoid is needed per interrupt: the guest goes on while the
+    daemon is dead, and the successor (re-routing, then reconciling as after any restart)
+    puts the line back where its configuration says, with nothing lost."""
+    with environment(devices=1, device_yaml="datapath: kernel\n") as env, \
+            FakeSystemd() as systemd:
+        env.start_sim()
+        daemon = Supervised(env, systemd)
+        daemon.start()
+        try:
+            with Consumer(env.control, "dev0") as vm:
+                wait_until(lambda: env.device("dev0")["datapath"] == "kernel", what="kernel")
+                env.sim("raise", line="dev0")
+                assert vm.wait_irq() == 1
+                daemon.kill()
+                env.sim("ack", line="dev0")
+                vm.send_eoi()  # the kernel's unmask (the sim's virqfd) takes it
+                for _ in range(3):  # and the next ones, with no eoid at all
+                    env.sim("raise", line="dev0")
+                    assert vm.wait_irq() == 1
+                    env.sim("ack", line="dev0")
+                    vm.send_eoi()
+                env.sim("raise", line="dev0")
+                assert vm.wait_irq() == 1  # pending across the restart
+                env.write_device("dev0", "")  # the successor's configuration: relay
+                daemon.start()
+                assert no_eof(vm)
+                wait_until(lambda: env.device("dev0")["datapath"] == "relay", what="relay")
+                env.sim("ack", line="dev0")
+                vm.send_eoi()  # read by eoid now: unmasks
+                wait_until(lambda: env.device("dev0")["state"] == "armed", what="armed")
+                env.sim("raise", line="dev0")
+                assert vm.wait_irq() == 1
+                env.sim("ack", line="dev0")
+                vm.send_eoi()
+                wait_until(lambda: env.device("dev0")["state"] == "armed", what="armed")
+                assert vm.wait_irq(0.3) == 0  # exactly once
+            line = env.sim("stats")["lines"]["dev0"]
+            assert line["raised"] == line["acked"] == 6
+            assert (line["fires"], line["kernel_fires"]) == (6, 5)
+        finally:
+            daemon.stop()
