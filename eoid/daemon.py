@@ -548,7 +548,7 @@ class Daemon:
                     "backend": runner.config.backend.type}
             yield DeviceView(runner.name, runner.stats, runner.relaying,
                              runner.consumer is not None,
-                             runner.state.name.lower(), info, runner.datapath.value)
+                             runner.state.name.lower(), info)
 
     def _status(self) -> str:
         """``STATUS=`` for ``systemctl status``: devices up, and the interrupt rate since

@@ -82,7 +82,6 @@ class DeviceView:
     attached: bool
     state: str
     info: dict[str, str]
-    datapath: str = "relay"
 
 
 class MetricsSource(Protocol):
@@ -216,13 +215,6 @@ class EoidCollector:
                    "The device's current state, as its label (one series a device, value 1).", (
                        f'eoid_device_state{{{lbl},state="{v.state}"}} 1\n'
                        for v, lbl in zip(views, labels, strict=True)))
-        out.family("eoid_device_datapath", "gauge",
-                   "1 for the path the device's interrupts take now (relay: through eoid; "
-                   "kernel: the kernel's path, unseen by eoid), 0 for the other.", (
-                       f'eoid_device_datapath{{{lbl},datapath="{path}"}} '
-                       f"{int(v.datapath == path)}\n"
-                       for v, lbl in zip(views, labels, strict=True)
-                       for path in ("relay", "kernel")))
         out.family("eoid_device", "info", "Static facts about a device.", (
             "eoid_device_info{" + ",".join([lbl, *(f'{k}="{_escape(x)}"'
                                                   for k, x in v.info.items())]) + "} 1\n"

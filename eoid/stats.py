@@ -120,9 +120,10 @@ def human_seconds(seconds: float | None) -> str:
     return f"{seconds * 1e6:.0f}us" if seconds < 0.01 else f"{seconds * 1e3:.1f}ms"
 
 
-ERROR_OPS = ("enable", "unmask", "mask", "disable", "forward", "device_event", "fastpath",
-             "route")
-"""fastpath: the lane's own syscalls on a device's fds (epoll_ctl, reads), failed."""
+ERROR_OPS = ("enable", "unmask", "forward", "device_event", "fastpath", "route")
+"""fastpath: the lane's own syscalls on a device's fds (epoll_ctl, reads), failed; route:
+a datapath switch (or the re-routing of an adopted line) failed. (A failed mask or disable
+is not counted: the device is being closed, or reopened, anyway.)"""
 
 COUNTERS = ("interrupts", "eois", "unmasks", "spurious_eois", "coalesced_interrupts",
             "eoi_timeouts", "storm_throttles", "forwards", "kernel_interrupts")

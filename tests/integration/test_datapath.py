@@ -58,9 +58,8 @@ def test_kernel_path_carries_every_interrupt_without_eoid() -> None:
             assert counter(env, "eoid_forwards_total", "dev0") == 0
             wait_until(lambda: counter(env, "eoid_kernel_interrupts_total", "dev0") == 30,
                        what="kernel interrupts counted")
-            samples = env.scrape()["eoid_device_datapath"]
-            assert samples[(("datapath", "kernel"), ("device", "dev0"))] == 1
-            assert samples[(("datapath", "relay"), ("device", "dev0"))] == 0
+            states = env.scrape()["eoid_device_state"]
+            assert states == {(("device", "dev0"), ("state", "kernel")): 1}
 
 
 def test_datapath_and_observe_commands_move_a_live_device(env: Env) -> None:
