@@ -15,10 +15,10 @@ import pytest
 from bench.run_baseline import launch_pump, parse_output
 from bench.soak import Harness, Options, Prober, Sample, fd_growth, resources, slope
 
-# Issue 10, finding 3: on a daemon without its fix, the misbehaving consumer (on by default
-# in bench.soak) hangs eoid, and the soak rightly fails with "hung". Turn this on once the
-# fix is merged.
-MISBEHAVE = False
+# Issue 10, finding 3: a consumer that clears O_NONBLOCK on its dup of the irq eventfd and
+# fills its count hung the daemon before the fix; the soak's misbehaving consumer does that
+# every few seconds (on by default in bench.soak), and the soak fails with "hung" if it works.
+MISBEHAVE = True
 
 
 @pytest.mark.timeout(300)
