@@ -76,9 +76,12 @@ enum { HANDLED, DECLINED, OWES_UNMASK, HANDLED_TELL };
 
 /* --- injected faults (a test build: -DEOID_FAULT_INJECTION) ------------------------------ */
 
-enum { F_EPOLL_CTL, F_READ, F_WRITE, F_IOCTL, N_FAULTS };
+/* race: guarded_write's poll() says there is room when there is none, as when a consumer
+ * fills the count between that poll() and the write(): the write then waits, and the
+ * sentinel must interrupt it. */
+enum { F_EPOLL_CTL, F_READ, F_WRITE, F_IOCTL, F_RACE, N_FAULTS };
 #ifdef EOID_FAULT_INJECTION
-static const char *fault_names[N_FAULTS] = {"epoll_ctl", "read", "write", "ioctl"};
+static const char *fault_names[N_FAULTS] = {"epoll_ctl", "read", "write", "ioctl", "race"};
 static int fault_left[N_FAULTS], fault_errno[N_FAULTS]; /* atomics: set on a Python thread */
 static inline int faulted(int op)
 {
@@ -159,7 +162,10 @@ struct Lane {
     int dead;    /* epoll_wait failed: the lane gave every device back and takes none */
     pthread_t thread, sentinel;
     pthread_mutex_t mu;
-    pthread_cond_t stop_cond; /* wakes the sentinel at close() */
+    /* The sentinel's own: a write it must interrupt waits with mu held, so the sentinel
+     * never takes mu (it would wait for the write it is there to end). */
+    pthread_mutex_t sentinel_mu;
+    pthread_cond_t stop_cond; /* wakes the sentinel at close(), with sentinel_mu */
     int stop_sentinel;
     Guard guards[2]; /* the lane's thread, and the event loop's (Lane.signal) */
     FastPath **slots; /* owned references */
@@ -239,7 +245,7 @@ static int guarded_write(Guard *guard, int fd, uint64_t value)
     if (FAULT(F_WRITE))
         return -1;
     struct pollfd p = {.fd = fd, .events = POLLOUT};
-    int ready = poll(&p, 1, 0);
+    int ready = FAULT(F_RACE) ? (p.revents = POLLOUT, 1) : poll(&p, 1, 0);
     if (ready < 0)
         return -1;
     if (ready == 0 || !(p.revents & POLLOUT)) {
@@ -271,7 +277,7 @@ static void on_rescue(int sig)
 static void *sentinel_main(void *arg)
 {
     Lane *lane = arg;
-    pthread_mutex_lock(&lane->mu);
+    pthread_mutex_lock(&lane->sentinel_mu);
     while (!lane->stop_sentinel) {
         struct timespec at;
         clock_gettime(CLOCK_MONOTONIC, &at);
@@ -280,8 +286,8 @@ static void *sentinel_main(void *arg)
             at.tv_sec++;
             at.tv_nsec -= 1000000000L;
         }
-        pthread_cond_timedwait(&lane->stop_cond, &lane->mu, &at);
-        /* mu is released while waiting; a guard is read without it (atomics) */
+        pthread_cond_timedwait(&lane->stop_cond, &lane->sentinel_mu, &at);
+        /* a guard is read without mu (atomics) */
         int64_t now = now_ns();
         for (int i = 0; i < 2; i++) {
             int64_t since = __atomic_load_n(&lane->guards[i].since, __ATOMIC_ACQUIRE);
@@ -289,7 +295,7 @@ static void *sentinel_main(void *arg)
                 pthread_kill(lane->guards[i].thread, RESCUE_SIGNAL);
         }
     }
-    pthread_mutex_unlock(&lane->mu);
+    pthread_mutex_unlock(&lane->sentinel_mu);
     return NULL;
 }
 
@@ -1133,10 +1139,10 @@ static PyObject *lane_close(Lane *self, PyObject *Py_UNUSED(ignored))
         pthread_join(self->thread, NULL);
     }
     if (self->sentinel_started) {
-        pthread_mutex_lock(&self->mu);
+        pthread_mutex_lock(&self->sentinel_mu);
         self->stop_sentinel = 1;
         pthread_cond_signal(&self->stop_cond);
-        pthread_mutex_unlock(&self->mu);
+        pthread_mutex_unlock(&self->sentinel_mu);
         pthread_join(self->sentinel, NULL);
     }
     Py_END_ALLOW_THREADS
@@ -1208,6 +1214,7 @@ static int lane_init(Lane *self, PyObject *args, PyObject *kwds)
         return -1;
     }
     pthread_mutex_init(&self->mu, NULL);
+    pthread_mutex_init(&self->sentinel_mu, NULL);
     pthread_condattr_t attr;
     pthread_condattr_init(&attr);
     pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
@@ -1245,6 +1252,7 @@ static void lane_dealloc(Lane *self)
         if (!self->closed)
             Py_XDECREF(lane_close(self, NULL));
         pthread_mutex_destroy(&self->mu);
+        pthread_mutex_destroy(&self->sentinel_mu);
         pthread_cond_destroy(&self->stop_cond);
         n_lanes--;
     }
@@ -1385,7 +1393,8 @@ static PyMethodDef module_methods[] = {
      " cannot change while a lane exists."},
     {"inject_fault", inject_fault, METH_VARARGS,
      "inject_fault(op, count, errno): the next ``count`` device calls of ``op`` (epoll_ctl,"
-     " read, write, ioctl) fail with errno (test builds: -DEOID_FAULT_INJECTION)."},
+     " read, write, ioctl) fail with errno; ``race``: the next ``count`` guarded writes"
+     " find room that is not there (test builds: -DEOID_FAULT_INJECTION)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
 import importlib.util
 import os
 import select
@@ -15,6 +16,7 @@ import socket
 import subprocess
 import sysconfig
 import threading
+import time
 from collections.abc import Iterator, MutableMapping
 from pathlib import Path
 from types import ModuleType
@@ -32,7 +34,7 @@ from eoid.device import drain_eventfd
 from eoid.runner import DeviceRunner
 from eoid.stats import BUCKETS_NS, ERROR_OPS
 from tests.unit.test_fastpath import FakeLine
-from tests.unit.test_fastpath_edges import lane_cpu_seconds
+from tests.unit.test_fastpath_edges import FULL, blocking, lane_cpu_seconds
 
 ROOT = Path(__file__).resolve().parents[2]
 FIONBIO = 0x5421  # an ioctl any fd takes: the unmask of the ioctl tests
@@ -135,7 +137,7 @@ class Rig:
 def rig(faulty: ModuleType, monkeypatch: pytest.MonkeyPatch) -> Iterator[Rig]:
     r = Rig(faulty, monkeypatch)
     yield r
-    for op in ("epoll_ctl", "read", "write", "ioctl"):
+    for op in ("epoll_ctl", "read", "write", "ioctl", "race"):
         faulty.inject_fault(op, 0, 0)
     r.close()
 
@@ -195,6 +197,42 @@ def test_a_failed_forward_is_redelivered_counted_and_logged(rig: Rig) -> None:
     assert rig.runner.stats.eoi_timeouts == 1
 
 
+def test_a_forward_that_waits_after_its_poll_is_rescued_by_the_sentinel(rig: Rig) -> None:
+    """The race guarded_write cannot close: a consumer that cleared O_NONBLOCK fills its
+    irq count between the lane's poll() and its write(). The write waits, under the
+    device's mutex; the lane's sentinel interrupts it (RESCUE_SIGNAL) after RESCUE_AFTER_NS
+    (50 ms), the forward fails with EINTR, is counted and logged, and the device is served
+    again once its consumer reads its count."""
+    blocking(rig.irq)
+    os.eventfd_write(rig.irq, FULL)
+    with capture_logs() as logs:
+        rig.fp.inject_fault("race", 1, 0)
+        start = time.monotonic()
+        rig.device.line.device_raise()
+
+        async def forward_failed() -> None:
+            while rig.runner.stats.errors["forward"] == 0 and time.monotonic() - start < 10:
+                await asyncio.sleep(0.001)
+        rig.loop.run_until_complete(forward_failed())
+        waited = time.monotonic() - start
+        assert rig.runner.stats.errors["forward"] >= 1
+        assert 0.04 < waited < 2, waited  # interrupted, not failed at once, not hung
+        assert drain_eventfd(rig.irq) == FULL  # the consumer reads its count at last
+        fcntl.fcntl(rig.irq, fcntl.F_SETFL, fcntl.fcntl(rig.irq, fcntl.F_GETFL) | os.O_NONBLOCK)
+
+        async def redelivered() -> None:  # eoi_timeout (50 ms), policy redeliver
+            while not select.select([rig.irq], [], [], 0)[0]:
+                await asyncio.sleep(0.005)
+        rig.loop.run_until_complete(asyncio.wait_for(redelivered(), 5))
+        drain_eventfd(rig.irq)
+        rig.device.deassert()
+        os.eventfd_write(rig.eoi, 1)
+        rig.loop.run_until_complete(asyncio.sleep(0.05))
+        rig.device.process_unmasks()
+        settled(rig)
+    assert failures(logs, "forward") == 1
+
+
 def test_a_failed_unmask_ioctl_is_done_by_the_runner(rig: Rig) -> None:
     fast = rig.runner._fast
     assert fast is not None
@@ -212,11 +250,11 @@ def test_a_failed_unmask_ioctl_is_done_by_the_runner(rig: Rig) -> None:
 
 def test_every_fault_at_once_strands_nothing(rig: Rig) -> None:
     with capture_logs() as logs:
-        for op in ("epoll_ctl", "read", "write", "ioctl"):
+        for op in ("epoll_ctl", "read", "write", "ioctl", "race"):
             rig.fp.inject_fault(op, 3, errno.EIO)
         rig.runner.set_config(rig.runner.config)
         rig.round_trips(ROUNDS)
-        for op in ("epoll_ctl", "read", "write", "ioctl"):
+        for op in ("epoll_ctl", "read", "write", "ioctl", "race"):
             rig.fp.inject_fault(op, 0, 0)
         settled(rig)
     for op in ("epoll", "read", "forward"):
