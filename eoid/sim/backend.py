@@ -290,6 +290,7 @@ class SimDevice:
         self._opening: asyncio.Future[dict[str, Any]] | None = None
         self._kernel_fires: int | None = None  # ``kernel_interrupts``, as the sim last said
         self._asking = False
+        self._fresh = False  # ``_kernel_fires`` came with a route's reply, not yet read
         if adopt is not None:  # re-adopted after a restart: the sim never noticed we left
             self.unmask_fd = adopt.pop("unmask", -1)
             close_all(adopt.values())  # not ours (an older eoid's per-device socket)
@@ -388,13 +389,19 @@ class SimDevice:
         one step of its loop (so the order within is moot), and answers with its count
         once it has: the returned future."""
         fds = (trigger_fd,) if unmask_fd is None else (trigger_fd, unmask_fd)
-        return self._send("route", fds, on_reply=self._note_fires)
+
+        def routed(reply: dict[str, Any]) -> None:
+            self._note_fires(reply)
+            self._fresh = unmask_fd is None  # back on the relay: the count stands still
+        return self._send("route", fds, on_reply=routed)
 
     def kernel_interrupts(self) -> int | None:
         """The sim's count of the line's fires while routed to the kernel's path, as last
         answered; asks again (from any thread: the metrics thread calls this too) unless a
         question is in flight. Exact once the sim has answered after the last fire."""
-        if not self._asking:
+        if self._fresh:  # answered with a route: exact until the line is on the kernel's
+            self._fresh = False  # path again (a switch asks once, not twice)
+        elif not self._asking:
             self._asking = True
             self.conn.loop.call_soon_threadsafe(self._ask_kernel_fires)
         return self._kernel_fires
