@@ -777,9 +777,9 @@ class DeviceRunner:
             raise NotAttached(f"not attached to {self.name}")
         if self.datapath is Datapath.KERNEL:  # no consumer, no kernel path: see ``_path``
             self._to_relay()
-        if self.device is not None:
+        if self.device is not None and self._routing is None:
             # the line first (the channel may unmask); an EOI written just before
-            # leaving still ends the interrupt
+            # leaving still ends the interrupt (with a switch in flight: once it is made)
             self._settle()
         self.consumer = None
         peer.attached.discard(self.name)
