@@ -1,0 +1,122 @@
+"""The KVM guest of ``vmm.py`` as eoid's consumer, attached the way a KVM VMM attaches.
+
+The VMM asks eoid for the device on the control socket, receives the device's ``irq`` and
+``eoi`` eventfds and registers them with ``KVM_IRQFD`` and ``KVM_IRQFD_FLAG_RESAMPLE``:
+``irq`` raises the guest's GSI, and KVM signals ``eoi`` (the resamplefd) when the interrupt
+ends. From then on no VMM code is in the interrupt's path: only the guest's handler's port
+write comes back to the VMM, which relays it to the sim device as the device's ack.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from pathlib import Path
+from typing import Any
+
+from eoid.control import ControlClient
+from eoid.errors import EoidError
+from eoid.wire import recv_msg, send_msg
+from tests.kvm.vmm import Vm
+
+
+class SimDevice:
+    """One connection to the sim process, for the guest's acks: it stays open, so an ack
+    costs a round trip, not a connect."""
+
+    def __init__(self, path: Path) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        self.sock.settimeout(5)
+        self.sock.connect(str(path))
+        self._lock = threading.Lock()
+
+    def request(self, op: str, **fields: Any) -> dict[str, Any]:
+        with self._lock:
+            send_msg(self.sock, {"op": op, **fields})
+            received = recv_msg(self.sock, 1 << 24)
+        if received is None or not received[0].get("ok"):
+            raise EoidError(f"sim {op} failed: {received}")
+        return received[0]
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class KvmConsumer:
+    """A KVM VMM's attachment of ``device`` for ``vm``'s GSI."""
+
+    def __init__(self, control: Path, device: str, vm: Vm) -> None:
+        self.vm = vm
+        self.client = ControlClient(control)
+        try:
+            self.hello, _ = self.client.request("hello")
+            self.reply, fds = self.client.request("attach", device=device)
+        except BaseException:
+            self.client.close()
+            raise
+        self.irq, self.eoi = fds[0], fds[1]
+        for fd in fds[2:]:  # a shared VFIO device fd: this VMM has no use for it
+            os.close(fd)
+        try:
+            vm.irqfd(self.irq, resamplefd=self.eoi)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Deassign the irqfd (KVM lowers the GSI and signals nothing), then leave."""
+        if self.irq in (fd for fd, _ in self.vm.irqfds):
+            self.vm.irqfd_deassign(self.irq)
+        os.close(self.irq)
+        os.close(self.eoi)
+        self.client.close()
+
+
+class KvmGuest:
+    """A running guest attached to eoid for ``device``, its acks relayed to the sim line.
+
+    ``serviced`` counts the device events the handler's acks serviced; ``idle_runs`` the
+    handler runs that found nothing to service (an interrupt injected again for an event
+    already serviced, see ``resample_at`` in conftest.py)."""
+
+    def __init__(self, control: Path, sim_socket: Path, device: str,
+                 line: str | None = None) -> None:
+        self.line = line or device
+        self.serviced = 0
+        self.idle_runs = 0
+        self.sim = SimDevice(sim_socket)
+        self.vm = Vm(on_ack=self._ack)
+        try:
+            self.vm.start()  # the pin is programmed before anything can raise the GSI
+            self.consumer: KvmConsumer | None = KvmConsumer(control, device, self.vm)
+        except BaseException:
+            self.vm.close()
+            self.sim.close()
+            raise
+
+    def _ack(self, count: int) -> None:
+        handled = int(self.sim.request("ack", line=self.line)["handled"])
+        self.serviced += handled
+        self.idle_runs += handled == 0
+
+    @property
+    def runs(self) -> int:
+        """The handler's runs: every one reached the VMM as a port write."""
+        return len(self.vm.acks)
+
+    def detach(self) -> None:
+        if self.consumer is not None:
+            self.consumer.close()
+            self.consumer = None
+
+    def close(self) -> None:
+        self.detach()
+        self.vm.close()
+        self.sim.close()
+
+    def __enter__(self) -> KvmGuest:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
