@@ -217,9 +217,10 @@ def handler_code() -> bytes:
 
     Not ``iret``: where KVM emulates the guest's privileged instructions (this host runs
     PVM, ``kvm_pvm``), a protected-mode IRET is one KVM's x86 emulator does not implement
-    (``em_iret`` in arch/x86/kvm/emulate.c: real mode only) and the vCPU stops with an internal error. The idle
-    loop runs with interrupts on, so "return to it and turn them on" is all IRET would do;
-    ``sti`` holds interrupts off for one more instruction, the far return.
+    (``em_iret`` in arch/x86/kvm/emulate.c: real mode only), and the vCPU stops with an
+    internal error. The idle loop runs with interrupts on, so "return to it and turn them
+    on" is all IRET would do; ``sti`` holds interrupts off for one more instruction, the
+    far return.
     """
     return b"".join((
         b"\x50",  # push eax
