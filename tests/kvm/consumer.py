@@ -85,6 +85,7 @@ class KvmGuest:
         self.line = line or device
         self.serviced = 0
         self.idle_runs = 0
+        self.max_handled = 0  # the most events one ack serviced
         self.sim = SimDevice(sim_socket)
         self.vm = Vm(on_ack=self._ack)
         try:
@@ -99,6 +100,7 @@ class KvmGuest:
         handled = int(self.sim.request("ack", line=self.line)["handled"])
         self.serviced += handled
         self.idle_runs += handled == 0
+        self.max_handled = max(self.max_handled, handled)
 
     @property
     def runs(self) -> int:
@@ -109,6 +111,17 @@ class KvmGuest:
         if self.consumer is not None:
             self.consumer.close()
             self.consumer = None
+
+    def kill(self) -> None:
+        """The VMM dies: its VM goes (KVM releases the irqfd without a resample), then
+        its connection to eoid closes, as the kernel closes a dead process's files."""
+        self.vm.close()
+        if self.consumer is not None:
+            for fd in (self.consumer.irq, self.consumer.eoi):
+                os.close(fd)
+            self.consumer.client.close()
+            self.consumer = None
+        self.sim.close()
 
     def close(self) -> None:
         self.detach()

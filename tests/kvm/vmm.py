@@ -11,7 +11,6 @@ the interrupt is injected and ended: nothing of that is simulated here.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import errno
 import mmap
@@ -313,6 +312,8 @@ class Vm:
         self.faults: list[str] = []
         self.ready = threading.Event()
         self.stopped = threading.Event()
+        self._alive = threading.Lock()
+        self.closed = False
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.irqfds: list[tuple[int, int | None]] = []
@@ -360,9 +361,13 @@ class Vm:
     # -- running ----------------------------------------------------------------------------
 
     def start(self, timeout: float = 5.0) -> Vm:
-        """Run the vCPU and wait until the guest is ready for interrupts."""
-        if signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, None):
+        """Run the vCPU (again, after ``stop``) and wait until the guest is ready for
+        interrupts."""
+        if signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, signal.SIG_IGN, None):
             signal.signal(signal.SIGUSR1, _wake)  # main thread only: tests run there
+        self._stopping = False
+        self.run[_RUN_IMMEDIATE_EXIT] = 0
+        self.stopped.clear()
         self._thread = threading.Thread(target=self._loop, name="vcpu0", daemon=True)
         self._thread.start()
         if not self.ready.wait(timeout):
@@ -385,7 +390,8 @@ class Vm:
         except Exception as e:  # recorded, and raised by check()
             self.faults.append(f"vcpu: {e!r}")
         finally:
-            self.stopped.set()
+            with self._alive:
+                self.stopped.set()
 
     def _exit(self, reason: int) -> bool:
         """Handle one exit; False stops the vCPU."""
@@ -440,11 +446,13 @@ class Vm:
         signal for one inside it (halted guests block there)."""
         self._stopping = True
         thread = self._thread
-        if thread is None or thread.ident is None:
+        if thread is None:
             return
         self.run[_RUN_IMMEDIATE_EXIT] = 1
         while not self.stopped.wait(0.02):
-            signal.pthread_kill(thread.ident, signal.SIGUSR1)
+            with self._alive:  # never signal a thread that has ended (its id may be reused)
+                if not self.stopped.is_set() and thread.ident is not None:
+                    signal.pthread_kill(thread.ident, signal.SIGUSR1)
         thread.join()
 
     # -- the interrupt controller -------------------------------------------------------------
@@ -476,13 +484,15 @@ class Vm:
     # -- lifetime -----------------------------------------------------------------------------
 
     def close(self) -> None:
+        """Destroy the VM, as when its VMM exits: KVM releases its irqfds (lowering the GSI)
+        and signals no resamplefd (docs/intx-eoi.md §13.5). Closing twice does nothing."""
+        if self.closed:
+            return
+        self.closed = True
         self.stop()
-        for fd, _ in list(self.irqfds):
-            with contextlib.suppress(OSError):
-                self.irqfd_deassign(fd)
         if hasattr(self, "run"):
             self.run.close()
-        if hasattr(self, "mem"):
+        if hasattr(self, "_mem_ref"):
             del self._mem_ref
             self.mem.close()
         for fd in reversed(self._fds):
