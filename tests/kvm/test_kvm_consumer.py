@@ -137,16 +137,19 @@ def test_datapath_and_observe_commands_move_the_guests_device_under_load(
 
     def operate() -> None:
         time.sleep(0.3)
-        for args, path in ((("datapath", "dev0", "kernel"), "kernel"),
-                           (("observe", "dev0", "--for", "300ms"), "relay")):
-            done = env.command(*args)
-            assert done.returncode == 0, done.stderr
-            assert env.device("dev0")["datapath"] == path, args
-        wait_until(lambda: env.device("dev0")["datapath"] == "kernel", 5, "observation ended")
+        done = env.command("datapath", "dev0", "kernel")
+        assert done.returncode == 0, done.stderr
+        wait_until(lambda: env.device("dev0")["datapath"] == "kernel", 5, "the kernel path")
+        time.sleep(0.3)
+        done = env.command("observe", "dev0", "--for", "300ms")
+        assert done.returncode == 0, done.stderr
+        assert "observing" in done.stdout
+        wait_until(lambda: env.device("dev0")["observations"] == 1
+                   and env.device("dev0")["datapath"] == "kernel", 5, "observation ended")
         time.sleep(0.3)
         done = env.command("datapath", "dev0", "configured")
         assert done.returncode == 0, done.stderr
-        assert env.device("dev0")["datapath"] == "relay"
+        wait_until(lambda: env.device("dev0")["datapath"] == "relay", 5, "the relay")
         time.sleep(0.3)
     load(env, rate=400, during=operate)
     assert env.device("dev0")["observations"] == 1
