@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -74,57 +75,63 @@ class KvmConsumer:
 
 
 class KvmGuest:
-    """A running guest attached to eoid for ``device``, its acks relayed to the sim line.
+    """A running guest attached to eoid for ``devices`` (all on its one GSI, as devices
+    sharing a guest interrupt line), its acks relayed to their sim lines.
 
-    ``serviced`` counts the device events the handler's acks serviced; ``idle_runs`` the
-    handler runs that found nothing to service (an interrupt injected again for an event
-    already serviced, see ``resample_at`` in conftest.py)."""
+    The handler does not know which device interrupted, so each run acks every device, as
+    a driver of a shared line checks each of its devices. ``serviced`` counts the device
+    events the acks serviced (``serviced_by`` per device); ``idle_runs`` the handler runs
+    that found nothing to service (an interrupt injected again for an event already
+    serviced, see ``resample_at`` in conftest.py)."""
 
-    def __init__(self, control: Path, sim_socket: Path, device: str,
-                 line: str | None = None) -> None:
-        self.line = line or device
-        self.serviced = 0
+    def __init__(self, control: Path, sim_socket: Path, devices: str | Sequence[str]) -> None:
+        self.devices = [devices] if isinstance(devices, str) else list(devices)
+        self.serviced_by = dict.fromkeys(self.devices, 0)
         self.idle_runs = 0
-        self.max_handled = 0  # the most events one ack serviced
+        self.max_handled = 0  # the most events of one device one ack serviced
+        self.consumers: list[KvmConsumer] = []
         self.sim = SimDevice(sim_socket)
         self.vm = Vm(on_ack=self._ack)
         try:
             self.vm.start()  # the pin is programmed before anything can raise the GSI
-            self.consumer: KvmConsumer | None = KvmConsumer(control, device, self.vm)
+            for device in self.devices:
+                self.consumers.append(KvmConsumer(control, device, self.vm))
         except BaseException:
-            self.vm.close()
-            self.sim.close()
+            self.close()
             raise
 
     def _ack(self, count: int) -> None:
-        handled = int(self.sim.request("ack", line=self.line)["handled"])
-        self.serviced += handled
-        self.idle_runs += handled == 0
-        self.max_handled = max(self.max_handled, handled)
+        handled = [int(self.sim.request("ack", line=device)["handled"])
+                   for device in self.devices]
+        for device, n in zip(self.devices, handled, strict=True):
+            self.serviced_by[device] += n
+        self.idle_runs += not any(handled)
+        self.max_handled = max(self.max_handled, *handled)
+
+    @property
+    def serviced(self) -> int:
+        return sum(self.serviced_by.values())
 
     @property
     def runs(self) -> int:
         """The handler's runs: every one reached the VMM as a port write."""
         return len(self.vm.acks)
 
-    def detach(self) -> None:
-        if self.consumer is not None:
-            self.consumer.close()
-            self.consumer = None
-
     def kill(self) -> None:
-        """The VMM dies: its VM goes (KVM releases the irqfd without a resample), then
-        its connection to eoid closes, as the kernel closes a dead process's files."""
+        """The VMM dies: its VM goes (KVM releases the irqfds without a resample), then
+        its connections to eoid close, as the kernel closes a dead process's files."""
         self.vm.close()
-        if self.consumer is not None:
-            for fd in (self.consumer.irq, self.consumer.eoi):
-                os.close(fd)
-            self.consumer.client.close()
-            self.consumer = None
+        for consumer in self.consumers:
+            os.close(consumer.irq)
+            os.close(consumer.eoi)
+            consumer.client.close()
+        self.consumers.clear()
         self.sim.close()
 
     def close(self) -> None:
-        self.detach()
+        for consumer in self.consumers:
+            consumer.close()
+        self.consumers.clear()
         self.vm.close()
         self.sim.close()
 

@@ -230,3 +230,46 @@ def test_redeliver_gives_a_kvm_guest_nothing_while_its_gsi_is_raised(
     assert counter(env, "eoid_forwards_total") == line["fires"] + timeouts
     assert guest.runs == line["fires"]  # one run per fire: the redeliveries merged
     assert (line["raised"], line["acked"]) == (1, 1)
+
+
+@pytest.mark.parametrize("device_yaml", ["", KERNEL], ids=["relay", "kernel"])
+def test_two_devices_sharing_the_guests_gsi_each_have_every_event_serviced(
+        device_yaml: str, resample_at: str) -> None:
+    """Two devices on one guest GSI share KVM's resampler: each resample signals both
+    resamplefds (§13.2), so each device sees EOIs the other's interrupts caused. The
+    level semantics keep that harmless: an early unmask of a device that still asserts
+    makes it fire again."""
+    with environment(devices=2, device_yaml=device_yaml) as env:
+        env.start_sim()
+        env.start_daemon()
+        with KvmGuest(env.control, env.sim_socket, ["dev0", "dev1"]) as guest:
+            path = "kernel" if device_yaml else "relay"
+            wait_until(lambda: all(d["consumer"] and d["datapath"] == path
+                                   for d in env.status()["devices"]), 5, "attached")
+            for name in ("dev0", "dev1"):
+                env.sim("set", line=name, rate=300)
+            time.sleep(1.5)
+            env.sim("quiesce")
+
+            def settled() -> bool:
+                return all(v["acked"] == v["raised"] and not v["masked"] and not v["pending"]
+                           and not v["queued"] for v in env.sim("stats")["lines"].values())
+            wait_until(settled, 15, "every device event serviced")
+            lines = env.sim("stats")["lines"]
+            samples = env.scrape()
+            print({"resample_at": resample_at, "runs": guest.runs, "idle": guest.idle_runs,
+                   **{n: {k: v[k] for k in ("raised", "fires", "kernel_fires")}
+                      for n, v in lines.items()},
+                   "spurious": {n: samples["eoid_spurious_eois_total"][(("device", n),)]
+                                for n in lines}})
+            for name, line in lines.items():
+                key = (("device", name),)
+                assert line["raised"] > 0
+                assert line["raised"] == line["acked"] == guest.serviced_by[name], name
+                assert samples["eoid_interrupts_total"][key] + line["kernel_fires"] \
+                    == line["fires"], name
+                assert samples["eoid_eoi_timeouts_total"][key] == 0
+            assert guest.max_handled == 1
+            assert guest.runs == guest.vm.handled
+            assert guest.runs <= sum(line["fires"] for line in lines.values())
+            guest.vm.check()
