@@ -10,6 +10,7 @@ so each ack services one event or none."""
 
 from __future__ import annotations
 
+import select
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -17,7 +18,9 @@ from typing import Any
 import pytest
 
 from eoid.control import ControlClient
+from eoid.testing import FakeSystemd
 from tests.helpers import Env, environment, wait_until
+from tests.integration.test_restart import Supervised
 from tests.kvm.consumer import KvmGuest
 
 KERNEL = "datapath: kernel\n"
@@ -273,3 +276,43 @@ def test_two_devices_sharing_the_guests_gsi_each_have_every_event_serviced(
             assert guest.runs == guest.vm.handled
             assert guest.runs <= sum(line["fires"] for line in lines.values())
             guest.vm.check()
+
+
+@pytest.mark.parametrize("device_yaml", ["", KERNEL], ids=["relay", "kernel"])
+def test_the_guest_is_served_across_a_sigkilled_daemon(device_yaml: str) -> None:
+    """eoid SIGKILLed under load and restarted with its fd store, the VMM never told (its
+    connection and irqfd stay): on the relay the line waits for the successor, on the
+    kernel's path the guest goes on with no eoid at all; every event serviced once."""
+    with environment(devices=1, device_yaml=device_yaml) as env, FakeSystemd() as systemd:
+        env.start_sim()
+        daemon = Supervised(env, systemd)
+        daemon.start()
+        try:
+            with KvmGuest(env.control, env.sim_socket, "dev0") as guest:
+                path = "kernel" if device_yaml else "relay"
+                wait_until(lambda: env.device("dev0")["datapath"] == path, 5, path)
+
+                def kill_and_restart() -> None:
+                    time.sleep(0.5)
+                    daemon.kill()
+                    before = guest.serviced
+                    time.sleep(0.5)
+                    served_without_eoid = guest.serviced - before
+                    if path == "kernel":
+                        assert served_without_eoid >= 10
+                    else:  # at most the interrupt forwarded before the kill
+                        assert served_without_eoid <= 1
+                    daemon.start()
+                    # the VMM's connection is stored and kept: no EOF, nothing sent to it
+                    assert not select.select([guest.consumers[0].client.sock], [], [], 0)[0]
+                    wait_until(lambda: env.device("dev0")["datapath"] == path, 5, path)
+                    time.sleep(0.5)
+                load(env, rate=300, during=kill_and_restart)
+                line = env.sim("stats")["lines"]["dev0"]
+                assert line["raised"] == line["acked"] == guest.serviced > 300
+                assert guest.max_handled == 1
+                assert guest.runs == guest.vm.handled <= line["fires"]
+                assert env.device("dev0")["consumer"] is not None  # the same connection
+                guest.vm.check()
+        finally:
+            daemon.stop()
