@@ -202,9 +202,9 @@ def process_cpu_ns(pid: int) -> int:
     datapath). A thread that has exited is not counted: eoid's threads live as long."""
     total = 0
     for task in os.listdir(f"/proc/{pid}/task"):
-        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
-            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
-                total += int(f.read().split()[0])
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError), \
+                open(f"/proc/{pid}/task/{task}/schedstat") as f:
+            total += int(f.read().split()[0])
     return total
 
 

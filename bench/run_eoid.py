@@ -67,13 +67,17 @@ class SimStandIn:
     applied it, as the sim answers once its loop has; ``fires`` is answered with the
     pump's count of the line's fires on the kernel's path (a memfd both map)."""
 
-    def __init__(self, path: Path, names: list[str]) -> None:
+    def __init__(self, path: Path, names: list[str] | None = None, capacity: int = 8192,
+                 ) -> None:
+        """``names``: the lines, in the pump's order (others are added as they are opened,
+        up to ``capacity`` in all)."""
         self.path = path
-        self.lines = {name: _Line(i) for i, name in enumerate(names)}
-        self._by_index = names
+        self._by_index = list(names or [])
+        self.lines = {name: _Line(i) for i, name in enumerate(self._by_index)}
+        self._capacity = max(capacity, len(self._by_index))
         self._fires_fd = os.memfd_create("eoid-bench-kernel-fires", os.MFD_CLOEXEC)
-        os.ftruncate(self._fires_fd, 8 * max(1, len(names)))
-        self._fires = mmap.mmap(self._fires_fd, 8 * max(1, len(names)))
+        os.ftruncate(self._fires_fd, 8 * self._capacity)
+        self._fires = mmap.mmap(self._fires_fd, 8 * self._capacity)
         self._lock = threading.Lock()
         self._pump: socket.socket | None = None
         # replies in the order of their requests, per connection: a route's is filled in
@@ -125,6 +129,9 @@ class SimStandIn:
         reply: list[Any] = [{"ok": True, "id": message.get("id")}]
         op, name = message.get("op"), str(message.get("line"))
         line = self.lines.get(name)
+        if line is None and op in ("open", "enable") and len(self.lines) < self._capacity:
+            line = self.lines[name] = _Line(len(self._by_index))
+            self._by_index.append(name)
         if line is not None and op == "open":
             struct.pack_into("Q", self._fires, 8 * line.index, 0)  # counted per open
         elif line is not None and op == "enable" and len(fds) == 2:
@@ -196,7 +203,7 @@ class SimStandIn:
             self._complete(self._routing.popleft())
 
     def connect_pump(self, consumer_fds: dict[str, tuple[int, int]],
-                     ) -> tuple[list[tuple[int, ...]], socket.socket, int]:
+                     ) -> tuple[list[tuple[int, int, int, int, int]], socket.socket, int]:
         """The pump's device list (copies of the fds: the caller closes them once the
         pump has them), its end of the routes socket, and the kernel-fires memfd."""
         ours, theirs = socket.socketpair(socket.AF_UNIX,
