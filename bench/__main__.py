@@ -141,6 +141,7 @@ def run_datapaths(quick: bool, duration: float, observe: list[tuple[str, str]],
                 "window_cost_percent_of_relay": round((e["cpu_ns"] - kernel_ns) / relay_ns * 100,
                                                       2)
                 if relay_ns and kernel_ns is not None and r.observe else None,
+                "sim_requests": e["sim_requests"],
                 "spurious_eois": e["spurious_eois"], "skipped": e["skipped"],
                 "lost": e["lost"] + (0 if c["ok"] else 1),
             }

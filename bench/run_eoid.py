@@ -16,6 +16,7 @@ import mmap
 import os
 import selectors
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -85,6 +86,8 @@ class SimStandIn:
         self._replies: dict[socket.socket, collections.deque[list[Any]]] = {}
         self._routing: collections.deque[list[Any]] = collections.deque()  # sent to the pump
         self.routes = 0
+        self.to_relay = 0  # routes back to eoid's trigger (from the kernel's path)
+        self.requests: collections.Counter[str] = collections.Counter()  # by op
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         self._sock.bind(str(path))
         self._sock.listen(4096)
@@ -128,6 +131,7 @@ class SimStandIn:
         message, fds = received
         reply: list[Any] = [{"ok": True, "id": message.get("id")}]
         op, name = message.get("op"), str(message.get("line"))
+        self.requests[str(op)] += 1
         line = self.lines.get(name)
         if line is None and op in ("open", "enable") and len(self.lines) < self._capacity:
             line = self.lines[name] = _Line(len(self._by_index))
@@ -151,6 +155,7 @@ class SimStandIn:
         """The sim's ``route``: with a virqfd, bind it, then swap the trigger; without,
         swap, then unbind. A running pump applies it to the line it plays first."""
         self.routes += 1
+        self.to_relay += len(fds) == 1
         close_all([fd for fd in (line.trigger, line.virqfd) if fd >= 0])
         line.trigger, line.virqfd = fds[0], fds[1] if len(fds) == 2 else -1
         if self._pump is not None:
@@ -267,6 +272,7 @@ class Daemon:
     consumer_fds: dict[str, tuple[int, int]] = field(default_factory=dict)
     port: int = 0
     arm_seconds: float = 0.0
+    profile: Path | None = None  # where the load run's profile goes (EOID_BENCH_PROFILE)
 
     def names(self) -> list[str]:
         return [f"d{i:04d}" for i in range(self.devices)]
@@ -286,9 +292,17 @@ class Daemon:
                 device_yaml(i, self.datapath, self.observe))
         self.sim = SimStandIn(self.root / "sim.sock", self.names())
         ensure_nofile(4 * self.devices + 256)  # the stand-in's 2 fds a device, the consumer's 2
+        # EOID_BENCH_PROFILE=DIR: the daemon's event loop under cProfile (CPU time) during
+        # each load run (``measure``), written to DIR/eoid-<devices>-<datapath>[-<observe>].prof
+        profile = os.environ.get("EOID_BENCH_PROFILE")
+        command = [sys.executable, "-m", "eoid.cli"]
+        if profile:
+            name = "-".join((f"eoid-{self.devices}", self.datapath, *(self.observe or ())))
+            self.profile = Path(profile) / f"{name}.prof"
+            command = [sys.executable, "-m", "bench._profile", str(self.profile)]
         with (self.root / "daemon.log").open("wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "eoid.cli", "run", "-c", str(self.root / "eoid.yaml")],
+                [*command, "run", "-c", str(self.root / "eoid.yaml")],
                 stdout=log, stderr=subprocess.STDOUT)
         if cpu is not None:
             os.sched_setaffinity(self.proc.pid, {cpu})
@@ -318,15 +332,14 @@ class Daemon:
                 time.sleep(0.02)
 
     def counters(self) -> dict[str, int]:
-        """eoid's own counts summed over the devices (status: asks the sim too)."""
-        assert self.client is not None
-        reply, _ = self.client.request("status")
-        out = {"observations": 0, "kernel_interrupts": 0, "interrupts": 0, "unmasks": 0,
-               "spurious_eois": 0, "eoi_timeouts": 0}
-        for device in reply["devices"]:
-            out["observations"] += device["observations"]
-            for key in out.keys() - {"observations"}:
-                out[key] += device["counters"].get(key, 0)
+        """eoid's counts summed over the devices, scraped (a status reply of 1024 devices
+        is too big for one message), and the observation windows: the routes back to the
+        relay the sim was asked for (the bench makes no other)."""
+        samples = self.scrape()
+        out = {key: _total(samples, f"eoid_{key}_total") for key in (
+            "kernel_interrupts", "interrupts", "unmasks", "spurious_eois", "eoi_timeouts")}
+        assert self.sim is not None
+        out["observations"] = self.sim.to_relay
         return out
 
     def log(self) -> str:
@@ -419,10 +432,13 @@ def measure(daemon: Daemon, mode: str, duration: float, rate: int | None,
     pid = daemon.proc.pid
     level = daemon.observe is not None
     before = daemon.scrape()
-    counts0 = daemon.counters()
+    counts0 = daemon.counters()  # (its scrape also asks the sim for the kernel's counts)
+    requests0 = collections.Counter(daemon.sim.requests)
     quads, routes, fires_fd = daemon.sim.connect_pump(daemon.consumer_fds)
     args = (*pump_args, "--routes", str(routes.fileno()), "--kernel-fires", str(fires_fd),
             *(("--level",) if level else ()))
+    if daemon.profile is not None:
+        os.kill(pid, signal.SIGUSR1)
     cpu0, ns0, vol0 = daemon.cpu_us(), process_cpu_ns(pid), voluntary_switches(pid)
     try:
         pump = launch_pump(quads, mode, duration, rate, cpu=pump_cpu, pump_args=args,
@@ -432,7 +448,10 @@ def measure(daemon: Daemon, mode: str, duration: float, rate: int | None,
         close_all([fd for quad in quads for fd in (quad[0], quad[3], quad[4]) if fd >= 0])
     out, _ = pump.communicate(timeout=duration + _EXIT_TIMEOUT)
     cpu1, ns1, vol1 = daemon.cpu_us(), process_cpu_ns(pid), voluntary_switches(pid)
+    if daemon.profile is not None:
+        os.kill(pid, signal.SIGUSR2)
     daemon.sim.pump_done()
+    requests = dict(collections.Counter(daemon.sim.requests) - requests0)  # during the run
     load = parse_output("pump", pump, out)
     counts1 = _settled(daemon, load["kernel_fired"], counts0["kernel_interrupts"])
     after = daemon.scrape()
@@ -472,6 +491,7 @@ def measure(daemon: Daemon, mode: str, duration: float, rate: int | None,
         "spurious_eois": counts1["spurious_eois"] - counts0["spurious_eois"],
         "eoi_timeouts": counts1["eoi_timeouts"] - counts0["eoi_timeouts"],
         "routes": load["routes"],
+        "sim_requests": requests,
         **latency,
         "round_trip_p50_us": load.get("p50_us"), "round_trip_p99_us": load.get("p99_us"),
         "skipped": load.get("skipped", 0),
