@@ -142,6 +142,16 @@ def run_datapaths(quick: bool, duration: float, observe: list[tuple[str, str]],
                                                       2)
                 if relay_ns and kernel_ns is not None and r.observe else None,
                 "sim_requests": e["sim_requests"],
+                # where a window's cost goes: the event loop's thread (switching, the sim's
+                # requests and replies, timers) and the lane (relaying), and their wake-ups
+                "per_window": {
+                    thread.split(":", 1)[1] + "_" + what: round(value / e["observations"], 1)
+                    for what, values in (("cpu_us", {t: n / 1e3 for t, n in
+                                                      e["cpu_ns_by_thread"].items()}),
+                                         ("wakeups", e["voluntary_switches_by_thread"]))
+                    for thread, value in values.items() if value
+                } if e["observations"] else None,
+                "cpu_ns_by_thread": e["cpu_ns_by_thread"],
                 "spurious_eois": e["spurious_eois"], "skipped": e["skipped"],
                 "lost": e["lost"] + (0 if c["ok"] else 1),
             }

@@ -200,12 +200,19 @@ def process_cpu_ns(pid: int) -> int:
     """CPU process ``pid``'s live threads have run, in nanoseconds (schedstat: exact,
     where ``process_cpu_us`` counts clock ticks; for the small figures of the kernel's
     datapath). A thread that has exited is not counted: eoid's threads live as long."""
-    total = 0
+    return sum(thread_cpu_ns(pid).values())
+
+
+def thread_cpu_ns(pid: int) -> dict[str, int]:
+    """``process_cpu_ns`` by thread (``tid:name``)."""
+    out: dict[str, int] = {}
     for task in os.listdir(f"/proc/{pid}/task"):
-        with contextlib.suppress(FileNotFoundError, ProcessLookupError), \
-                open(f"/proc/{pid}/task/{task}/schedstat") as f:
-            total += int(f.read().split()[0])
-    return total
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            with open(f"/proc/{pid}/task/{task}/comm") as f:
+                name = f.read().strip()
+            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                out[f"{task}:{name}"] = int(f.read().split()[0])
+    return out
 
 
 def voluntary_switches(pid: int) -> dict[str, int]:
