@@ -145,7 +145,7 @@ def run_datapaths(quick: bool, duration: float, observe: list[tuple[str, str]],
                 # where a window's cost goes: the event loop's thread (switching, the sim's
                 # requests and replies, timers) and the lane (relaying), and their wake-ups
                 "per_window": {
-                    thread.split(":", 1)[1] + "_" + what: round(value / e["observations"], 1)
+                    thread.split(":")[-1] + "_" + what: round(value / e["observations"], 1)
                     for what, values in (("cpu_us", {t: n / 1e3 for t, n in
                                                       e["cpu_ns_by_thread"].items()}),
                                          ("wakeups", e["voluntary_switches_by_thread"]))

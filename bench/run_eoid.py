@@ -461,8 +461,11 @@ def measure(daemon: Daemon, mode: str, duration: float, rate: int | None,
     kernel = load["kernel_fired"]
     fires = load["fired"] + load["refires"]
     total = interrupts + kernel
-    switches = {t: n - vol0.get(t, 0) for t, n in vol1.items()}
-    threads_ns = {t: n - ns0.get(t, 0) for t, n in ns1.items()}
+    def named(tid_name: str) -> str:  # the main thread runs the event loop
+        return "loop" if tid_name.startswith(f"{pid}:") else tid_name
+
+    switches = {named(t): n - vol0.get(t, 0) for t, n in vol1.items()}
+    threads_ns = {named(t): n - ns0.get(t, 0) for t, n in ns1.items()}
     cpu_ns = sum(threads_ns.values())
     latency = {}
     for name, metric in (("eoi_to_unmask", "eoid_unmask_latency_seconds"),
