@@ -371,7 +371,9 @@ def cmd_reset(args: argparse.Namespace) -> int:
 
 def _render_path(reply: dict[str, Any]) -> str:
     where = f"{reply['device']}: on the {reply['datapath']} path"
-    if reply["datapath"] != reply["wanted"]:
+    if reply.get("moving_to"):  # the backend has not applied the switch yet (sim)
+        where += f", moving to the {reply['moving_to']} path"
+    if (reply.get("moving_to") or reply["datapath"]) != reply["wanted"]:
         why = ("observing" if reply["observing"] else
                "no consumer attached" if not reply["attached"] else
                "the device is not up and healthy")
