@@ -93,10 +93,11 @@ class PathRun:
 
 def datapath_matrix(quick: bool, observe: list[tuple[str, str]]) -> list[list[PathRun]]:
     """Groups of runs under the same load, relay first: each group's figures are compared
-    to its relay run. --quick: a smoke of the kernel's path (no observation: see
-    RESULTS.md, a switch can strand a line until the runner's route race is fixed)."""
+    to its relay run. --quick: a smoke of the kernel's path, with and without observation
+    windows switching the lines under load (checked for loss, not timed)."""
     if quick:
-        return [[PathRun(64, 10_000, "relay"), PathRun(64, 10_000, "kernel")]]
+        return [[PathRun(64, 10_000, "relay"), PathRun(64, 10_000, "kernel"),
+                 PathRun(64, 10_000, "kernel", ("1s", "100ms"))]]
     return [[PathRun(n, 10_000, "relay"), PathRun(n, 10_000, "kernel"),
              *(PathRun(n, 10_000, "kernel", o) for o in observe)] for n in (1024, 64)]
 
