@@ -262,8 +262,8 @@ class Harness:
 
     def quads(self) -> list[tuple[int, int, int, int]]:
         assert self.sim is not None
-        return [(self.sim.lines[n][0], self.consumer_fds[n][0], self.consumer_fds[n][1],
-                 self.sim.lines[n][1]) for n in self.names]
+        return [(self.sim.lines[n].trigger, self.consumer_fds[n][0], self.consumer_fds[n][1],
+                 self.sim.lines[n].unmask) for n in self.names]
 
     def status(self) -> dict[str, Any]:
         with ControlClient(self.control, timeout=self.opts.liveness_timeout) as client:
@@ -535,7 +535,7 @@ class Soak:
         is the judge) and the device must work again once the consumer behaves."""
         h, bound = self.h, self.opts.liveness_timeout
         assert h.sim is not None and self.prober is not None
-        trigger, unmask = h.sim.lines[h.bad]
+        trigger, unmask = h.sim.lines[h.bad].trigger, h.sim.lines[h.bad].unmask
         with ControlClient(h.control, timeout=bound) as consumer:
             fds = consumer.request("attach", device=h.bad)[1]
             irq, eoi = fds[0], fds[1]
