@@ -267,7 +267,7 @@ class Harness:
 
     def status(self) -> dict[str, Any]:
         with ControlClient(self.control, timeout=self.opts.liveness_timeout) as client:
-            return client.request("status")[0]
+            return client.status()
 
     def probe_control(self) -> None:
         with ControlClient(self.control, timeout=self.opts.liveness_timeout) as client:
