@@ -533,12 +533,16 @@ class Daemon:
         except EoidError as e:
             self._log.warning("restart record not saved", error=str(e))
 
-    def status(self) -> dict[str, Any]:
-        return {"daemon": {"pid": os.getpid(), "version": __version__,
-                           "uptime_seconds": round(time.monotonic() - self.started, 3),
-                           "config": str(self.config.path), "last_reload": self.last_reload},
-                "devices": [{**r.status(), "opening": r.name in self._opening}
-                            for r in self.runners.values()]}
+    def daemon_status(self) -> dict[str, Any]:
+        return {"pid": os.getpid(), "version": __version__,
+                "uptime_seconds": round(time.monotonic() - self.started, 3),
+                "config": str(self.config.path), "last_reload": self.last_reload}
+
+    def device_names(self) -> list[str]:
+        return list(self.runners)
+
+    def device_status(self, device: str) -> dict[str, Any]:
+        return {**self._runner(device).status(), "opening": device in self._opening}
 
     def _runner(self, name: str) -> DeviceRunner:
         runner = self.runners.get(name)
