@@ -71,7 +71,7 @@ def test_kernel_datapath_requests() -> None:
     """docs/intx-eoi.md §14: the unmask eventfd (ACTION_UNMASK|DATA_EVENTFD = 0x14) and the
     trigger (ACTION_TRIGGER|DATA_EVENTFD = 0x24), INTx, start 0, count 1."""
     assert uapi.intx_unmask_eventfd(9) == struct.pack("=IIIIIi", 24, 0x14, 0, 0, 1, 9)
-    assert uapi.UNBIND_INTX_UNMASK == struct.pack("=IIIIIi", 24, 0x14, 0, 0, 1, -1)
+    assert struct.pack("=IIIIIi", 24, 0x14, 0, 0, 1, -1) == uapi.UNBIND_INTX_UNMASK
     assert uapi.intx_trigger(9) == struct.pack("=IIIIIi", 24, 0x24, 0, 0, 1, 9)
 
 
