@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from eoid import log
 from eoid.config import load_config
 from eoid.testing import RunningDaemon, run_server
 from eoid.wire import encode
@@ -118,6 +119,7 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=1024)
     parser.add_argument("--rounds", type=int, default=20)
     args = parser.parse_args()
+    log.configure(level="warning", stream=sys.stderr)  # 1024 devices' info lines: not here
     root = Path(tempfile.mkdtemp(prefix="eoid-st", dir="/tmp"))
     try:
         config = load_config(write_config(root, args.devices))
