@@ -315,8 +315,9 @@ def _render_reload(last: dict[str, Any] | None) -> str:
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last["at"]))
     if last["successful"]:
         return f"last reload: ok ({when})"
+    more = f"; and {last['problems_omitted']} more" if last.get("problems_omitted") else ""
     return f"last reload: REJECTED ({when}), the previous configuration runs: " \
-        + "; ".join(last["problems"])
+        + "; ".join(last["problems"]) + more
 
 
 def render_status(reply: dict[str, Any]) -> str:
@@ -356,6 +357,9 @@ def cmd_reload(args: argparse.Namespace) -> int:
               "running:", file=sys.stderr)
         for problem in reply["problems"]:
             print(problem, file=sys.stderr)
+        if reply.get("problems_omitted"):
+            print(f"... and {reply['problems_omitted']} more (all of them are in the daemon's "
+                  "log; `eoid check-config` lists them too)", file=sys.stderr)
         return EX_CONFIG
     print("reloaded: " + ", ".join(f"{k} {', '.join(reply[k]) or '-'}"
                                    for k in ("added", "removed", "changed")))

@@ -57,7 +57,8 @@ ACCEPT_BACKOFF_INITIAL = 0.05  # seconds the listener pauses after an accept fai
 ACCEPT_BACKOFF_MAX = 2.0  # ...doubling up to this while failures go on
 STATUS_PAGE = 64  # devices in one status reply at most: bounded work and size per request
 STATUS_REPLY_BYTES = 65536  # a status reply never exceeds this (well under a socket's buffer)
-STATUS_DAEMON_BYTES = 16384  # of which the daemon's part (a rejected reload's problems) at most
+STATUS_PROBLEM_BYTES = 12288  # of which a rejected reload's problems take at most this
+RELOAD_PROBLEM_BYTES = 32768  # and of a reload's reply
 AUDIT_BURST = 10  # refusals logged per uid in each window; the rest are counted
 AUDIT_WINDOW = 60.0  # seconds
 _RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
@@ -177,23 +178,29 @@ def _device_entry(status: dict[str, Any], operator: bool) -> dict[str, Any]:
     return entry
 
 
-def _bounded_daemon(daemon: dict[str, Any]) -> dict[str, Any]:
-    """The daemon's part of a status reply within ``STATUS_DAEMON_BYTES``: a rejected
-    reload lists its first problems, each cut short, and counts the rest."""
-    last = daemon.get("last_reload")
-    if not isinstance(last, dict) or not last.get("problems"):
-        return daemon
-    problems: list[str] = []
-    room = STATUS_DAEMON_BYTES - len(encode({**daemon, "last_reload": {
-        **last, "problems": [], "problems_omitted": 1 << 32}}))
-    for problem in last["problems"]:
+def _bounded_problems(result: dict[str, Any], budget: int) -> dict[str, Any]:
+    """A rejected reload's ``problems`` within ``budget`` bytes: the first ones, each cut
+    short, and ``problems_omitted`` counting the rest (the daemon's log has them all), so
+    that a reply about a thousand broken files still fits one message."""
+    problems = result.get("problems")
+    if not isinstance(problems, list) or not problems:
+        return result
+    kept: list[str] = []
+    for problem in problems:
         text = _short(str(problem))
-        room -= len(json.dumps(text)) + 1
-        if room < 0:
+        budget -= len(json.dumps(text)) + 1
+        if budget < 0:
             break
-        problems.append(text)
-    return {**daemon, "last_reload": {**last, "problems": problems,
-                                      "problems_omitted": len(last["problems"]) - len(problems)}}
+        kept.append(text)
+    return {**result, "problems": kept, "problems_omitted": len(problems) - len(kept)}
+
+
+def _bounded_daemon(daemon: dict[str, Any]) -> dict[str, Any]:
+    """The daemon's part of a status reply, its last reload's problems bounded."""
+    last = daemon.get("last_reload")
+    if not isinstance(last, dict):
+        return daemon
+    return {**daemon, "last_reload": _bounded_problems(last, STATUS_PROBLEM_BYTES)}
 
 
 class Audit:
@@ -516,7 +523,7 @@ class ControlServer:
             if not _operator(peer):
                 raise ProtocolError("forbidden", f"only root or the daemon's user may {op}")
             if op == "reload":
-                return self.handler.reload(), []
+                return _bounded_problems(self.handler.reload(), RELOAD_PROBLEM_BYTES), []
             if not isinstance(device, str):
                 raise ProtocolError("bad_request", f"{op} needs a 'device' string")
             if op == "reset":

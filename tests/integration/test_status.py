@@ -142,6 +142,28 @@ def test_a_page_stays_within_its_bytes_whatever_the_devices_say(workdir: Path) -
             assert seen == 70
 
 
+def test_a_reload_rejected_for_1024_broken_files_gets_its_reply(workdir: Path) -> None:
+    """About 280 KB of problems: more than one message can carry. The reply lists the first
+    ones and counts the rest, and `eoid reload` exits 78 saying so."""
+    with run_server(write_config(workdir, DEVICES), sim=False) as served:
+        for n in range(DEVICES):
+            (workdir / "devices.d" / f"d{n:04d}.yaml").write_text(
+                f"pci_address: '{pci(n)}'\nbackend: {{type: sim}}\n"
+                f"policy: {{eoi_timeout: {'x' * 2000}}}\nbogus{'y' * 1000}: 1\n")
+        with ControlClient(served.control) as client:
+            send_msg(client.sock, {"op": "reload", "id": 1})
+            data, _, _, _ = client.sock.recvmsg(1 << 24)
+            reply = json.loads(data)
+            assert reply["ok"] and reply["successful"] is False
+            assert reply["problems"] and len(data) <= STATUS_REPLY_BYTES
+            assert len(reply["problems"]) + reply["problems_omitted"] == 2 * DEVICES
+        result = subprocess.run([sys.executable, "-m", "eoid.cli", "reload", "--socket",
+                                 str(served.control)], capture_output=True, text=True,
+                                timeout=60, check=False)
+        assert result.returncode == 78, result.stderr[-2000:]
+        assert "more (all of them are in the daemon's log" in result.stderr
+
+
 # --- the command line at 1024 devices ------------------------------------------------------
 
 
