@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog.testing
 
 from eoid.config import Config, load_config
 from eoid.control import STATUS_PAGE, STATUS_REPLY_BYTES, ControlClient, wait_for_socket
@@ -43,10 +44,10 @@ def workdir() -> Iterator[Path]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def write_config(root: Path, devices: int, device: str = "") -> Config:
+def write_config(root: Path, devices: int, device: str = "", control: str = "") -> Config:
     (root / "devices.d").mkdir(exist_ok=True)
     (root / "eoid.yaml").write_text(
-        f"control: {{socket: {root}/control.sock, socket_mode: '0666'}}\n"
+        f"control: {{socket: {root}/control.sock, socket_mode: '0666'{control}}}\n"
         f"metrics: {{listen: null}}\nsim: {{socket: {root}/sim.sock}}\nloop: asyncio\n"
         "log: {level: warning}\n")
     for n in range(devices):
@@ -312,3 +313,18 @@ def test_the_status_command_shows_consumers_to_operators_only(workdir: Path) -> 
             assert theirs.returncode == 0, theirs.stderr
             row = next(line for line in theirs.stdout.splitlines() if line.startswith("dev0"))
             assert "attached" in row and str(os.getpid()) not in theirs.stdout
+
+
+@needs_root
+def test_status_for_a_peer_outside_control_status_is_refused_and_logged(workdir: Path) -> None:
+    with run_server(write_config(workdir, 2, control=", status: {uids: [0]}")) as served, \
+            structlog.testing.capture_logs() as logs:
+        reply = other_users_status(served.control)
+        assert reply["ok"] is False and reply["error"]["code"] == "forbidden"
+        assert "devices" not in reply
+        with ControlClient(served.control) as root:  # root is in the list
+            assert len(root.status()["devices"]) == 2
+    refused = [e for e in logs if e["event"] == "control request refused"]
+    assert [(e["op"], e["code"], e["uid"], e["gid"]) for e in refused] == [
+        ("'status'", "forbidden", NOBODY, NOBODY)]
+    assert refused[0]["pid"] > 0
