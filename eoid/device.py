@@ -97,6 +97,10 @@ class IntxDevice(Protocol):
         line's row in /proc/interrupts while routed; sim: its fires meanwhile); None where
         unknown. eoid sees none of those itself. May lag (sim: as last answered)."""
 
+    def reset(self) -> bool:
+        """Reset the device, where the backend can (``VFIO_DEVICE_RESET``): True once
+        done, False where it has none (``eoid reset`` then only reopens it)."""
+
     def unmask(self) -> None:
         """Re-enable the line after an EOI (the hot path: one syscall)."""
 

@@ -817,12 +817,7 @@ class DeviceRunner:
     def reset_device(self) -> bool:
         """Reset the device where its backend can (``VFIO_DEVICE_RESET``); False where it
         cannot. The caller then reopens it (``Daemon.reset``)."""
-        device = self.device
-        reset = getattr(device, "reset", None)
-        if reset is None or not getattr(device, "supports_reset", False):
-            return False
-        reset()
-        return True
+        return self.device is not None and self.device.reset()
 
     def path_status(self) -> dict[str, Any]:
         """Where the line is and why (``eoid datapath``/``observe`` replies, ``status``)."""

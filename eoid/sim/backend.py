@@ -422,6 +422,9 @@ class SimDevice:
         if isinstance(fires, int) and (self._kernel_fires is None or fires > self._kernel_fires):
             self._kernel_fires = fires
 
+    def reset(self) -> bool:
+        return False  # a simulated line has no function-level reset: reopening is all
+
     def unmask(self) -> None:
         os.eventfd_write(self.unmask_fd, 1)
 
