@@ -7,6 +7,7 @@ import functools
 import os
 import select
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -68,6 +69,37 @@ def probe_resample_at() -> str:
     if in_handler == [0] and after == 1:
         return "eoi"
     raise AssertionError(f"resamplefd counts: {in_handler} in the handler, {after} after EOI")
+
+
+def probe_pending_unmask() -> str:
+    """What this host's KVM does when the guest unmasks a pin whose GSI a resampling irqfd
+    raised while it was masked: ``"resample"`` (KVM's 2023 change, docs/intx-eoi.md
+    §13.4: the resamplefd is signalled and the interrupt never reaches the guest) or
+    ``"inject"`` (older kernels: delivered once, resampled as any other)."""
+    irq = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    resample = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    try:
+        with Vm() as vm:
+            vm.irqfd(irq, resample)
+            os.eventfd_write(irq, 1)
+            time.sleep(0.02)
+            assert vm.ioapic()[0] & 1 << vm.gsi, "raised, pending behind the masked pin"
+            vm.start()  # the guest unmasks its pin
+            assert select.select([resample], [], [], 5)[0], "neither resampled nor injected"
+            time.sleep(0.05)
+            vm.check()
+            resamples, runs = drain_eventfd(resample), list(vm.acks)
+    finally:
+        os.close(irq)
+        os.close(resample)
+    assert resamples == 1 and runs in ([], [1]), (resamples, runs)
+    return "inject" if runs else "resample"
+
+
+@pytest.fixture(scope="session")
+def pending_unmask() -> str:
+    """``"resample"`` or ``"inject"`` (see ``probe_pending_unmask``)."""
+    return probe_pending_unmask()
 
 
 @pytest.fixture(scope="session")

@@ -84,7 +84,10 @@ class KvmGuest:
     that found nothing to service (an interrupt injected again for an event already
     serviced, see ``resample_at`` in conftest.py)."""
 
-    def __init__(self, control: Path, sim_socket: Path, devices: str | Sequence[str]) -> None:
+    def __init__(self, control: Path, sim_socket: Path, devices: str | Sequence[str],
+                 boot: bool = True) -> None:
+        """``boot=False`` attaches before the guest runs (``vm.start()`` boots it later):
+        its pin is still masked, as in a VM whose driver has not loaded yet."""
         self.devices = [devices] if isinstance(devices, str) else list(devices)
         self.serviced_by = dict.fromkeys(self.devices, 0)
         self.idle_runs = 0
@@ -93,7 +96,8 @@ class KvmGuest:
         self.sim = SimDevice(sim_socket)
         self.vm = Vm(on_ack=self._ack)
         try:
-            self.vm.start()  # the pin is programmed before anything can raise the GSI
+            if boot:
+                self.vm.start()  # the pin is programmed before anything can raise the GSI
             for device in self.devices:
                 self.consumers.append(KvmConsumer(control, device, self.vm))
         except BaseException:

@@ -316,3 +316,35 @@ def test_the_guest_is_served_across_a_sigkilled_daemon(device_yaml: str) -> None
                 guest.vm.check()
         finally:
             daemon.stop()
+
+
+def test_an_interrupt_can_end_at_the_guests_unmask_without_reaching_its_handler(
+        pending_unmask: str, resample_at: str) -> None:
+    """README, "KVM consumers": forwarded while the guest's pin is masked, the interrupt
+    ends when the guest unmasks it, with a resample and no handler run (on kernels with
+    KVM's 2023 change, §13.4); eoid takes it for an EOI and unmasks, and the device, still
+    asserting, fires again and reaches the handler. ``eoid_interrupts_total`` counts both
+    fires for the one event."""
+    with environment(devices=1) as env:
+        env.start_sim()
+        env.start_daemon()
+        with KvmGuest(env.control, env.sim_socket, "dev0", boot=False) as guest:
+            wait_until(lambda: env.device("dev0")["consumer"] is not None, 5, "attached")
+            env.sim("raise", line="dev0")
+            wait_until(lambda: counter(env, "eoid_forwards_total") == 1, 5, "forwarded")
+            guest.vm.start()
+            wait_until(lambda: guest.serviced == 1, 5, "serviced")
+            wait_until(lambda: not env.sim("stats")["lines"]["dev0"]["masked"], 5, "unmasked")
+            time.sleep(0.05)
+            line = env.sim("stats")["lines"]["dev0"]
+            fires, runs = line["fires"], guest.runs
+            print({"pending_unmask": pending_unmask, "resample_at": resample_at,
+                   "fires": fires, "runs": runs})
+            assert (line["raised"], line["acked"]) == (1, 1)
+            assert counter(env, "eoid_interrupts_total") == fires
+            assert counter(env, "eoid_eois_total") == fires  # one resample a fire
+            # each fire ran the handler once, but the one that ended at the unmask
+            assert runs == fires - (pending_unmask == "resample")
+            if resample_at == "eoi":
+                assert fires == 1 + (pending_unmask == "resample")
+            guest.vm.check()
