@@ -28,11 +28,11 @@ import structlog
 
 from eoid import __version__, log
 from eoid.config import Config, Datapath, DeviceConfig, load_config
-from eoid.consumer import Consumer
 from eoid.control import ControlServer, Peer
 from eoid.device import IntxDevice
 from eoid.errors import ConfigError, EoidError, UnknownDevice
 from eoid.fdstore import EVENTFD_ROLES, Adopted, FdStore, device_fd_name
+from eoid.handover import RestartRecord
 from eoid.metrics import DaemonMetrics, DeviceView, Exporter, build_registry
 from eoid.opener import Opener, open_backend
 from eoid.runner import DeviceRunner, new_lane
@@ -70,8 +70,7 @@ class Daemon:
         self.control: ControlServer | None = None
         self.started = time.monotonic()
         self._opener: Opener | None = None  # made with the loop (startup)
-        self._peer_names: dict[Consumer, str] = {}  # consumers whose connection is stored
-        self._next_peer = 1
+        self.record = RestartRecord(self.store, self.adopted.state)
         self._stop: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._watchdog: asyncio.TimerHandle | None = None
@@ -138,9 +137,7 @@ class Daemon:
         self.control = ControlServer(self.config.daemon.control, self, self._loop)
         listener = self.control.listen(self.adopted.control)
         self.store.put("control", listener.fileno())
-        for name, sock in sorted(self.adopted.peers.items()):
-            self._peer_names[self.control.adopt_peer(sock)] = name
-            self._next_peer = max(self._next_peer, int(name.split(".")[1]) + 1)
+        self.record.adopt_peers(self.adopted.peers, self.control.adopt_peer)
         self.adopted.peers.clear()
         address = self.config.daemon.metrics.address()
         if address is not None:
@@ -250,7 +247,10 @@ class Daemon:
                           .get("stats", {}))
             runner = DeviceRunner(device, self.loop, self._device_down, eventfds, stats,
                                   lane=self.lane)
-            self._adopt_consumer(runner)
+            holder = self.record.holder(device.name)
+            if holder is not None:
+                runner.consumer = holder
+                holder.attached.add(device.name)
         self.runners[device.name] = runner
         if fds:
             try:
@@ -260,13 +260,6 @@ class Daemon:
                 self._log.warning("cannot adopt device; reopening", device=device.name,
                                   error=str(e))
         self.opener.open(runner)
-
-    def _adopt_consumer(self, runner: DeviceRunner) -> None:
-        wanted = self.adopted.state.get("devices", {}).get(runner.name, {}).get("peer")
-        for peer, name in self._peer_names.items():
-            if name == wanted:
-                runner.consumer = peer
-                peer.attached.add(runner.name)
 
     def _open_backend(self, device: DeviceConfig, adopt: dict[str, int] | None = None
                       ) -> IntxDevice:
@@ -404,10 +397,7 @@ class Daemon:
     def attach(self, peer: Peer, device: str) -> tuple[dict[str, Any], list[int]]:
         runner = self._runner(device)
         fds = runner.attach(peer)
-        if peer not in self._peer_names:  # keep the connection across a restart
-            self._peer_names[peer] = name = f"peer.{self._next_peer}"
-            self._next_peer += 1
-            self.store.put(name, peer.sock.fileno())
+        self.record.keep(peer, peer.sock.fileno())  # the connection outlives a restart
         self._save_state()
         names = ["irq", "eoi"]
         backend = runner.config.backend
@@ -427,24 +417,11 @@ class Daemon:
             runner = self.runners.get(name)
             if runner is not None and runner.consumer is peer:
                 runner.detach(peer)
-        stored = self._peer_names.pop(peer, None)
-        if stored is not None:
-            self.store.remove(stored)
+        if self.record.drop(peer):
             self._save_state()
 
     def _save_state(self, with_stats: bool = False) -> None:
-        """The restart record: who holds which device (and, at a handover, the counters)."""
-        devices: dict[str, Any] = {}
-        for name, runner in self.runners.items():
-            entry: dict[str, Any] = {"peer": self._peer_names.get(runner.consumer)
-                                     if runner.consumer else None}
-            if with_stats:
-                entry["stats"] = runner.stats.to_dict()
-            devices[name] = entry
-        try:
-            self.store.save_state({"pid": os.getpid(), "devices": devices})
-        except EoidError as e:
-            self._log.warning("restart record not saved", error=str(e))
+        self.record.save(self.runners, with_stats)
 
     def daemon_status(self) -> dict[str, Any]:
         return {"pid": os.getpid(), "version": __version__,
