@@ -18,8 +18,10 @@ peer's credentials, a bounded number per uid.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import errno
+import json
 import math
 import os
 import secrets
@@ -53,6 +55,9 @@ MAX_DEVICE_CHARS = 64  # longer than any device name the configuration accepts
 ACCEPT_BATCH = 64  # connections accepted per wake-up, so accepting never starves requests
 ACCEPT_BACKOFF_INITIAL = 0.05  # seconds the listener pauses after an accept failure...
 ACCEPT_BACKOFF_MAX = 2.0  # ...doubling up to this while failures go on
+STATUS_PAGE = 64  # devices in one status reply at most: bounded work and size per request
+STATUS_REPLY_BYTES = 65536  # a status reply never exceeds this (well under a socket's buffer)
+STATUS_DAEMON_BYTES = 16384  # of which the daemon's part (a rejected reload's problems) at most
 AUDIT_BURST = 10  # refusals logged per uid in each window; the rest are counted
 AUDIT_WINDOW = 60.0  # seconds
 _RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
@@ -97,7 +102,11 @@ class ControlHandler(Protocol):
 
     def detach(self, peer: Peer, device: str) -> None: ...
 
-    def status(self) -> dict[str, Any]: ...
+    def daemon_status(self) -> dict[str, Any]: ...
+
+    def device_names(self) -> list[str]: ...
+
+    def device_status(self, device: str) -> dict[str, Any]: ...
 
     def reload(self) -> dict[str, Any]: ...
 
@@ -147,6 +156,44 @@ def _observe_ns(value: Any) -> int:
 
 def _short(text: str, limit: int = MAX_ERROR_CHARS) -> str:
     return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _operator(peer: Peer) -> bool:
+    """Root or the daemon's own user: may reload, reset, move datapaths, and see who
+    holds a device."""
+    return peer.uid in (0, os.getuid())
+
+
+def _device_entry(status: dict[str, Any], operator: bool) -> dict[str, Any]:
+    """A device in a status reply: ``attached`` for everyone, the consumer's pid and uid
+    for operators only (another user's VMM is none of a peer's business), and a
+    ``down_reason`` cut short, so that one entry is always far below a page's bound."""
+    entry = dict(status)
+    entry["attached"] = entry.get("consumer") is not None
+    if not operator:
+        entry.pop("consumer", None)
+    if isinstance(entry.get("down_reason"), str):
+        entry["down_reason"] = _short(entry["down_reason"])
+    return entry
+
+
+def _bounded_daemon(daemon: dict[str, Any]) -> dict[str, Any]:
+    """The daemon's part of a status reply within ``STATUS_DAEMON_BYTES``: a rejected
+    reload lists its first problems, each cut short, and counts the rest."""
+    last = daemon.get("last_reload")
+    if not isinstance(last, dict) or not last.get("problems"):
+        return daemon
+    problems: list[str] = []
+    room = STATUS_DAEMON_BYTES - len(encode({**daemon, "last_reload": {
+        **last, "problems": [], "problems_omitted": 1 << 32}}))
+    for problem in last["problems"]:
+        text = _short(str(problem))
+        room -= len(json.dumps(text)) + 1
+        if room < 0:
+            break
+        problems.append(text)
+    return {**daemon, "last_reload": {**last, "problems": problems,
+                                      "problems_omitted": len(last["problems"]) - len(problems)}}
 
 
 class Audit:
@@ -464,9 +511,9 @@ class ControlServer:
             return {"device": device}, []
         if op == "status":
             self._authorize(peer, self.config.status)
-            return self.handler.status(), []
+            return self._status_page(peer, message), []
         if op in ("reload", "reset", "datapath", "observe"):
-            if peer.uid not in (0, os.getuid()):
+            if not _operator(peer):
                 raise ProtocolError("forbidden", f"only root or the daemon's user may {op}")
             if op == "reload":
                 return self.handler.reload(), []
@@ -479,6 +526,42 @@ class ControlServer:
             return self.handler.observe(device, _observe_ns(message.get("seconds"))), []
         raise ProtocolError("unknown_op", f"unknown op {_short(repr(op), 64)} (expected hello, "
                             "attach, detach, status, reload, reset, datapath, observe)")
+
+    def _status_page(self, peer: Peer, message: dict[str, Any]) -> dict[str, Any]:
+        """One page of ``status``: the devices named after ``after``, in name order, at most
+        ``limit`` (and ``STATUS_PAGE``) of them and as many as fit ``STATUS_REPLY_BYTES``;
+        ``next`` is the ``after`` of the next page, null at the end. Names, not offsets,
+        so a reload between pages neither repeats nor skips a device that stays."""
+        device, after, limit = (message.get(k) for k in ("device", "after", "limit"))
+        if device is not None and not isinstance(device, str):
+            raise ProtocolError("bad_request", "'device' must be a string")
+        if after is not None and not isinstance(after, str):
+            raise ProtocolError("bad_request", "'after' must be a device name")
+        if limit is None:
+            limit = STATUS_PAGE
+        elif isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ProtocolError("bad_request", "'limit' must be a positive integer")
+        names = sorted(self.handler.device_names())
+        if device is not None:
+            if len(device) > MAX_DEVICE_CHARS:
+                raise ProtocolError("unknown_device", "no device with so long a name")
+            page = [device]
+        else:
+            start = 0 if after is None else bisect.bisect_right(names, after)
+            page = names[start:start + min(limit, STATUS_PAGE)]
+        body: dict[str, Any] = {"daemon": _bounded_daemon(self.handler.daemon_status()),
+                                "total": len(names), "devices": [], "next": None}
+        size = len(encode(body)) + 2 * MAX_DEVICE_CHARS + 8 * MAX_ID_CHARS  # next, id
+        operator = _operator(peer)
+        for name in page:
+            entry = _device_entry(self.handler.device_status(name), operator)
+            size += len(encode(entry)) + 1
+            if body["devices"] and size > STATUS_REPLY_BYTES:
+                break
+            body["devices"].append(entry)
+        if device is None and body["devices"] and body["devices"][-1]["name"] != names[-1]:
+            body["next"] = body["devices"][-1]["name"]
+        return body
 
     @staticmethod
     def _authorize(peer: Peer, access: Access | None) -> None:
@@ -640,6 +723,20 @@ class ControlClient:
                 err = reply.get("error") or {}
                 raise ProtocolError(str(err.get("code", "failed")), str(err.get("message", "")))
             return reply, fds
+
+    def status(self, device: str | None = None) -> dict[str, Any]:
+        """Every page of ``status`` (or one device's), merged into one reply."""
+        if device is not None:
+            return self.request("status", device=device)[0]
+        reply, _ = self.request("status")
+        devices = reply["devices"]
+        while reply["next"] is not None:
+            after = reply["next"]
+            reply, _ = self.request("status", after=after)
+            if reply["next"] is not None and reply["next"] <= after:
+                raise EoidError(f"{self.path}: status pages do not advance")
+            devices += reply["devices"]
+        return {**reply, "devices": devices}
 
     def fileno(self) -> int:
         return self.sock.fileno()

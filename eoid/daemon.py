@@ -37,6 +37,7 @@ from eoid.runner import DeviceRunner, new_lane
 from eoid.sim.backend import SimConnections, SimDevice
 from eoid.stats import DeviceStats
 from eoid.systemd import Notifier, watchdog_interval
+from eoid.vfio.procirq import IrqCounter
 
 if TYPE_CHECKING:
     from eoid._fastpath import Lane
@@ -48,9 +49,11 @@ GIL_SWITCH_INTERVAL = 0.0005  # seconds; see run_daemon
 
 
 def open_backend(device: DeviceConfig, daemon: DaemonConfig, sims: SimConnections,
-                 adopt: dict[str, int] | None = None) -> IntxDevice:
+                 adopt: dict[str, int] | None = None, *,
+                 irqs: IrqCounter | None = None) -> IntxDevice:
     """Open a device's backend as its YAML file says, or rebuild it from the fds a
-    previous eoid parked in the fd store (``adopt``)."""
+    previous eoid parked in the fd store (``adopt``). ``irqs``: the daemon's one reader
+    of host IRQ counts, shared by its VFIO devices."""
     backend = device.backend
     if backend.type == "sim":
         return SimDevice(device.name, backend.line or device.name,
@@ -60,9 +63,9 @@ def open_backend(device: DeviceConfig, daemon: DaemonConfig, sims: SimConnection
 
     if adopt is not None:
         return VfioDevice.adopt(device.name, device.pci_address, adopt,
-                                request_irqs=backend.register_request_irqs)
+                                request_irqs=backend.register_request_irqs, irqs=irqs)
     return open_vfio_device(device.name, device.pci_address,
-                            request_irqs=backend.register_request_irqs)
+                            request_irqs=backend.register_request_irqs, irqs=irqs)
 
 
 def _needs_reopen(old: DeviceConfig, new: DeviceConfig) -> bool:
@@ -80,6 +83,7 @@ class Daemon:
         self.adopted = adopted or Adopted()
         self.store = FdStore(self.notifier, self.adopted.state_fd)
         self._sims: SimConnections | None = None  # made with the loop (startup)
+        self.irqs = IrqCounter()  # host IRQ counts for every VFIO device's kernel_interrupts
         self.runners: dict[str, DeviceRunner] = {}
         self.metrics = DaemonMetrics()
         self.exporter: Exporter | None = None
@@ -269,7 +273,8 @@ class Daemon:
         self.runners[device.name] = runner
         if fds:
             try:
-                runner.start(open_backend(device, self.config.daemon, self.sims, fds),
+                runner.start(open_backend(device, self.config.daemon, self.sims, fds,
+                                          irqs=self.irqs),
                             adopted=True)
                 return
             except EoidError as e:  # the parked device is unusable: open it afresh
@@ -294,7 +299,8 @@ class Daemon:
         if runner.name in self._opening:
             return  # an attempt is on its way
         try:
-            device = open_backend(runner.config, self.config.daemon, self.sims)
+            device = open_backend(runner.config, self.config.daemon, self.sims,
+                                  irqs=self.irqs)
         except EoidError as e:
             self._not_available(runner, str(e))
             return
@@ -527,12 +533,16 @@ class Daemon:
         except EoidError as e:
             self._log.warning("restart record not saved", error=str(e))
 
-    def status(self) -> dict[str, Any]:
-        return {"daemon": {"pid": os.getpid(), "version": __version__,
-                           "uptime_seconds": round(time.monotonic() - self.started, 3),
-                           "config": str(self.config.path), "last_reload": self.last_reload},
-                "devices": [{**r.status(), "opening": r.name in self._opening}
-                            for r in self.runners.values()]}
+    def daemon_status(self) -> dict[str, Any]:
+        return {"pid": os.getpid(), "version": __version__,
+                "uptime_seconds": round(time.monotonic() - self.started, 3),
+                "config": str(self.config.path), "last_reload": self.last_reload}
+
+    def device_names(self) -> list[str]:
+        return list(self.runners)
+
+    def device_status(self, device: str) -> dict[str, Any]:
+        return {**self._runner(device).status(), "opening": device in self._opening}
 
     def _runner(self, name: str) -> DeviceRunner:
         runner = self.runners.get(name)

@@ -9,6 +9,12 @@ device still asserts signals the trigger again at once. So eoid forwards the
 interrupt, waits for the guest's EOI and only then unmasks (``unmask``, one
 ioctl with a prebuilt request).
 
+On the kernel's datapath (``route`` with an unmask eventfd) eoid hands both halves to
+the kernel: the consumer's irq eventfd becomes the trigger and its eoi eventfd is bound
+as the unmask eventfd, which the kernel's virqfd reads (docs/intx-eoi.md §14). eoid then
+sees no interrupt; ``kernel_interrupts`` counts them from the host IRQ's count
+(``eoid.vfio.procirq``).
+
 Besides INTx, eoid registers the REQ index (the host wants the device back:
 unbind, hot-unplug; the unbind blocks until every fd of the device is closed)
 and, for PCIe functions, ERR (an AER error was detected). Both arrive as
@@ -25,6 +31,7 @@ import asyncio
 import contextlib
 import errno
 import os
+import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Final, TypeVar
@@ -32,6 +39,7 @@ from typing import Final, TypeVar
 from eoid.device import DeviceEvent, DeviceInfo
 from eoid.errors import VfioError
 from eoid.vfio import sysfs, uapi
+from eoid.vfio.procirq import IrqCounter
 from eoid.vfio.uapi import (
     DeviceFlag,
     GroupFlag,
@@ -76,6 +84,19 @@ _HINTS: Final[dict[tuple[str, int], str]] = {
     ("unmask", errno.EINVAL):
         "INTx is no longer enabled (the VMM switched the device to MSI/MSI-X, or "
         "disabled INTx)",
+    ("bind unmask eventfd", errno.EBUSY):
+        "another unmask eventfd is bound to the line (a VMM's resamplefd, or another "
+        "eoid's): one at a time",
+    ("bind unmask eventfd", errno.EINVAL):
+        "INTx is no longer enabled (MSI/MSI-X active: the VMM switched the device?), or "
+        "the consumer's eoi fd is not an eventfd",
+    ("bind unmask eventfd", errno.EBADF): "the consumer's eoi fd is closed",
+    ("swap trigger", errno.EINVAL):
+        "INTx is no longer enabled (MSI/MSI-X active), or the fd is not an eventfd",
+    ("swap trigger", errno.EBADF): "the new trigger fd is closed",
+    ("unbind unmask eventfd", errno.EINVAL):
+        "INTx is no longer enabled (the VMM switched the device to MSI/MSI-X, or "
+        "disabled INTx)",
 }
 
 
@@ -93,10 +114,11 @@ class VfioDevice:
     def __init__(self, name: str, pci_address: str, api: VfioApi, fds: Mapping[str, int], *,
                  iommu: str, group: int | None, request_irqs: bool = True,
                  intx_enabled: bool | None = False,
-                 sysfs_root: Path = Path("/sys")) -> None:
+                 sysfs_root: Path = Path("/sys"), irqs: IrqCounter | None = None) -> None:
         """Take ownership of ``fds`` (closed again if setup fails) and check the device.
 
         ``intx_enabled`` is None for an adopted device whose kernel state is unknown.
+        ``irqs`` reads host IRQ counts (one per daemon; a private one if None).
         """
         self.name = name
         self.pci_address = pci_address
@@ -114,6 +136,18 @@ class VfioDevice:
         self.device_flags = DeviceFlag(0)
         self.num_irqs = 0
         self.err_supported = False
+        # the kernel's path (``route``, ``kernel_interrupts``): whether an unmask eventfd
+        # is bound, the host IRQ's count when the current kernel window opened (None:
+        # unreadable), the windows closed so far, and the last answer (never lower)
+        self._irqs = irqs or IrqCounter(sysfs_root=sysfs_root)
+        self._host_irq: int | None = None
+        self._unmask_bound = False
+        self._in_window = False
+        self._window_base: int | None = None
+        self._kernel_closed = 0
+        self._kernel_known = True
+        self._kernel_last = 0
+        self._kernel_lock = threading.Lock()
         self._unmask_call: Callable[[], object] = api.prepare_set_irqs(self._fd,
                                                                         uapi.UNMASK_INTX)
         try:
@@ -258,6 +292,93 @@ class VfioDevice:
     def mask(self) -> None:
         self._call("mask", lambda: self._api.device_set_irqs(self._fd, uapi.MASK_INTX))
 
+    def route(self, trigger_fd: int, unmask_fd: int | None) -> None:
+        """Re-route the live line for a datapath switch (``IntxDevice.route``,
+        docs/intx-eoi.md §14). With ``unmask_fd``: bind it as the unmask eventfd, then make
+        ``trigger_fd`` the trigger; without: trigger first, then unbind. Neither request
+        masks or unmasks; a trigger swap keeps the kernel's masked state. If the swap fails
+        after a bind, the bind is undone (the caller reopens the device anyway)."""
+        if self._closed:
+            raise VfioError(self.name, "route", f"{self.pci_address}: device closed")
+        if self._intx_enabled is False:
+            raise VfioError(self.name, "route", f"{self.pci_address}: INTx is not enabled")
+        api, fd = self._api, self._fd
+        if unmask_fd is None:
+            self._close_window()
+            self._call("swap trigger",
+                       lambda: api.device_set_irqs(fd, uapi.intx_trigger(trigger_fd)))
+            self._intx_enabled = True
+            self._call("unbind unmask eventfd",
+                       lambda: api.device_set_irqs(fd, uapi.UNBIND_INTX_UNMASK))
+            self._unmask_bound = False
+            return
+        if self._unmask_bound:  # kernel → kernel: one unmask eventfd at a time
+            self._call("unbind unmask eventfd",
+                       lambda: api.device_set_irqs(fd, uapi.UNBIND_INTX_UNMASK))
+            self._unmask_bound = False
+        self._call("bind unmask eventfd",
+                   lambda: api.device_set_irqs(fd, uapi.intx_unmask_eventfd(unmask_fd)))
+        try:
+            self._call("swap trigger",
+                       lambda: api.device_set_irqs(fd, uapi.intx_trigger(trigger_fd)))
+        except VfioError:
+            with contextlib.suppress(OSError):
+                api.device_set_irqs(fd, uapi.UNBIND_INTX_UNMASK)
+            raise
+        self._intx_enabled = True
+        self._unmask_bound = True
+        self._open_window()
+
+    def _host_count(self) -> int | None:
+        """The host IRQ's count now, not cached: a window's edges must be exact."""
+        if self._host_irq is None:
+            # read once the line is enabled: before, sysfs may show a provisional IRQ
+            self._host_irq = sysfs.read_host_irq(self.pci_address, self._sysfs_root)
+        return None if self._host_irq is None else self._irqs.count(self._host_irq, 0)
+
+    def _open_window(self) -> None:
+        """Start counting once the trigger is the consumer's: an interrupt the host took
+        before that went to eoid's trigger, and eoid counts it."""
+        with self._kernel_lock:
+            if self._in_window:
+                return  # kernel → kernel: the same window goes on
+            self._in_window = True
+            self._window_base = self._host_count()
+
+    def _close_window(self) -> None:
+        """Stop counting while the trigger is still the consumer's (see ``_open_window``):
+        an interrupt that races a switch is counted by neither side rather than by both."""
+        with self._kernel_lock:
+            if not self._in_window:
+                return
+            self._in_window = False
+            base, self._window_base = self._window_base, None
+            now = self._host_count()
+            if base is None or now is None:
+                self._kernel_known = False
+            elif now > base:
+                self._kernel_closed += now - base
+
+    def kernel_interrupts(self) -> int | None:
+        """Interrupts the host took on the line while it was on the kernel's path, since
+        the device was opened: the growth of the host IRQ's count over each kernel window
+        (``eoid.vfio.procirq``; the open window's may be ``IrqCounter.max_age`` old).
+        None once a window's count could not be read. On a shared host IRQ (DisINTx
+        devices) it includes the other devices' interrupts during the windows. Never
+        lower than an earlier answer."""
+        with self._kernel_lock:
+            if not self._kernel_known:
+                return None
+            total = self._kernel_closed
+            if self._in_window:
+                base, irq = self._window_base, self._host_irq
+                now = None if base is None or irq is None else self._irqs.count(irq)
+                if base is None or now is None:
+                    return None
+                total += max(0, now - base)
+            self._kernel_last = max(self._kernel_last, total)
+            return self._kernel_last
+
     def loopback(self) -> None:
         """Make the kernel signal the trigger as if the device fired (self-test)."""
         self._call("loopback", lambda: self._api.device_set_irqs(self._fd, uapi.LOOPBACK_INTX))
@@ -272,6 +393,8 @@ class VfioDevice:
         except OSError as exc:
             if exc.errno != errno.EINVAL:  # EINVAL: disabled under us (docs/intx-eoi.md §5)
                 raise VfioError(self.name, "disable INTx", self.pci_address, exc.errno) from exc
+        self._close_window()  # disabling unbinds the unmask eventfd too (§4, §14)
+        self._unmask_bound = False
         self._intx_enabled = False
 
     def close(self) -> None:
@@ -378,7 +501,7 @@ class VfioDevice:
     @classmethod
     def adopt(cls, name: str, pci_address: str, fds: Mapping[str, int], *,
               api: VfioApi | None = None, request_irqs: bool = True,
-              sysfs_root: Path = Path("/sys")) -> VfioDevice:
+              sysfs_root: Path = Path("/sys"), irqs: IrqCounter | None = None) -> VfioDevice:
         """Rebuild a device from the fds of ``held_fds`` (systemd's fd store, docs/intx-eoi.md §9).
 
         The kernel kept the device open, so INTx may still be enabled with the old
@@ -397,13 +520,14 @@ class VfioDevice:
             group = sysfs.read_pci_function(pci_address, sysfs_root).iommu_group
         return cls(name, pci_address, api, fds, iommu="adopted",
                    group=group, request_irqs=request_irqs, intx_enabled=None,
-                   sysfs_root=sysfs_root)
+                   sysfs_root=sysfs_root, irqs=irqs)
 
 
 def open_vfio_device(name: str, pci_address: str, *, sysfs_root: Path = Path("/sys"),
                      dev_root: Path = Path("/dev"), api: VfioApi | None = None,
-                     request_irqs: bool = True) -> VfioDevice:
-    """Open ``pci_address`` for INTx relay; every failure is a ``VfioError`` saying what to do."""
+                     request_irqs: bool = True, irqs: IrqCounter | None = None) -> VfioDevice:
+    """Open ``pci_address`` for INTx relay; every failure is a ``VfioError`` saying what to do.
+    ``irqs``: the daemon's reader of host IRQ counts (``kernel_interrupts``)."""
     api = api or uapi.KernelVfio()
     try:
         address = sysfs.parse_pci_address(pci_address)
@@ -422,9 +546,9 @@ def open_vfio_device(name: str, pci_address: str, *, sysfs_root: Path = Path("/s
     cdev = dev_root / "vfio" / "devices" / fn.vfio_cdev if fn.vfio_cdev else None
     if cdev is not None and cdev.exists() and (dev_root / "iommu").exists():
         return _open_cdev(name, address, group, cdev, dev_root=dev_root, api=api,
-                          request_irqs=request_irqs, sysfs_root=sysfs_root)
+                          request_irqs=request_irqs, sysfs_root=sysfs_root, irqs=irqs)
     return _open_group(name, address, group, dev_root, api,
-                       request_irqs=request_irqs, sysfs_root=sysfs_root)
+                       request_irqs=request_irqs, sysfs_root=sysfs_root, irqs=irqs)
 
 
 def _failed(name: str, op: str, address: str, exc: OSError) -> VfioError:
@@ -432,7 +556,7 @@ def _failed(name: str, op: str, address: str, exc: OSError) -> VfioError:
 
 
 def _open_group(name: str, address: str, group: int, dev_root: Path, api: VfioApi, *,
-                request_irqs: bool, sysfs_root: Path) -> VfioDevice:
+                request_irqs: bool, sysfs_root: Path, irqs: IrqCounter | None) -> VfioDevice:
     node = sysfs.group_dev_node(group, dev_root)
     if node is None:
         raise VfioError(name, "open group",
@@ -471,7 +595,7 @@ def _open_group(name: str, address: str, group: int, dev_root: Path, api: VfioAp
             raise _failed(name, op, address, exc) from exc
         undo.pop_all()  # the device owns the fds now, and closes them if it fails
     return VfioDevice(name, address, api, fds, iommu=iommu.name.lower(), group=group,
-                      request_irqs=request_irqs, sysfs_root=sysfs_root)
+                      request_irqs=request_irqs, sysfs_root=sysfs_root, irqs=irqs)
 
 
 def _pick_iommu(name: str, address: str, api: VfioApi, container: int,
@@ -488,7 +612,8 @@ def _pick_iommu(name: str, address: str, api: VfioApi, container: int,
 
 
 def _open_cdev(name: str, address: str, group: int, cdev: Path, *, dev_root: Path,
-               api: VfioApi, request_irqs: bool, sysfs_root: Path) -> VfioDevice:
+               api: VfioApi, request_irqs: bool, sysfs_root: Path,
+               irqs: IrqCounter | None) -> VfioDevice:
     fds: dict[str, int] = {}
     with contextlib.ExitStack() as undo:
         op = "open device"
@@ -508,4 +633,4 @@ def _open_cdev(name: str, address: str, group: int, cdev: Path, *, dev_root: Pat
             raise _failed(name, op, address, exc) from exc
         undo.pop_all()  # the device owns the fds now, and closes them if it fails
     return VfioDevice(name, address, api, fds, iommu="iommufd", group=group,
-                      request_irqs=request_irqs, sysfs_root=sysfs_root)
+                      request_irqs=request_irqs, sysfs_root=sysfs_root, irqs=irqs)

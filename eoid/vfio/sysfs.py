@@ -212,6 +212,11 @@ def read_pci_function(address: str, sysfs_root: Path = Path("/sys")) -> PciFunct
     )
 
 
+def read_host_irq(address: str, sysfs_root: Path = Path("/sys")) -> int | None:
+    """The host IRQ of the function's INTx pin (sysfs ``irq``); None if it has none."""
+    return _read_int(pci_device_dir(address, sysfs_root) / "irq") or None
+
+
 def list_pci_addresses(sysfs_root: Path = Path("/sys")) -> list[str]:
     try:
         return sorted(p.name for p in (sysfs_root / "bus" / "pci" / "devices").iterdir()

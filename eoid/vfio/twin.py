@@ -11,7 +11,9 @@ container.c, device_cdev.c, pci/vfio_pci_core.c, pci/vfio_pci_intrs.c):
   open elsewhere, ``EBUSY`` while its group is open), ``IOAS_ALLOC``,
   ``ATTACH_IOMMUFD_PT``; device ioctls before bind fail ``EINVAL``;
 - INTx: enable/disable, auto-mask on assertion, unmask that re-fires while the
-  line is still asserted, mask, loopback, guest DisINTx (``virq_disabled``),
+  line is still asserted, mask, loopback, guest DisINTx (``virq_disabled``), a
+  trigger replaced on a live line (masked state kept), the unmask eventfd (virqfd,
+  ``virqfd_poll``), the host's count of the IRQ (``host_irqs``),
   the VMM switching to MSI (unmask then fails ``EINVAL``), and ``EBUSY`` when a
   device without DisINTx needs a host IRQ someone else holds (or vice versa);
 - ERR (PCIe only) and REQ triggers; a host unbind request signals REQ and
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -97,7 +100,12 @@ class FakeFunction:
     trigger: int | None = None  # the twin's own dup of the trigger eventfd
     err_trigger: int | None = None
     req_trigger: int | None = None
-    unmask_virqfd: int | None = None
+    unmask_virqfd: int | None = None  # the twin's dup of the bound unmask eventfd
+    virqfd_left: int = 0  # a count found at bind: acted on, left in the eventfd (virqfd.c)
+    virqfd_unmasks: int = 0  # unmasks the virqfd ran
+    host_irqs: int = 0  # hard interrupts the host took on the line (/proc/interrupts)
+    on_irq: Callable[[FakeFunction], None] | None = field(default=None, repr=False,
+                                                          compare=False)
     open_count: int = 0  # files with access to the device (vfio_df_open)
     cdev_bound: bool = False
     unbind_pending: bool = False
@@ -109,16 +117,61 @@ class FakeFunction:
 
     def assert_line(self) -> None:
         """The device raises INTx: vfio's hard-IRQ handler auto-masks and signals."""
+        self.virqfd_poll()
         self.level = True
         self._irq_handler()
 
     def deassert_line(self) -> None:
+        self.virqfd_poll()
         self.level = False
 
     def _irq_handler(self) -> None:
         if self.irq_type == "intx" and self.level and not self.masked:
+            self._host_irq()
             self.masked = True
             self._signal_intx()
+
+    def _host_irq(self) -> None:
+        self.host_irqs += 1
+        if self.on_irq is not None:
+            self.on_irq(self)
+
+    def virqfd_poll(self) -> None:
+        """Run the unmask virqfd if its eventfd was signalled (docs/intx-eoi.md §12).
+
+        The kernel unmasks inside the signaller's ``write``, consuming the count; the twin
+        does it when next asked: every hardware event and ioctl on the function starts
+        here, so nothing can observe the line between the EOI and its unmask."""
+        fd = self.unmask_virqfd
+        if fd is None:
+            return
+        try:
+            count = os.eventfd_read(fd)
+        except BlockingIOError:
+            return
+        if count <= self.virqfd_left:  # only the count found at bind: no new signal
+            os.eventfd_write(fd, count)
+            return
+        self.virqfd_left = 0
+        self.virqfd_unmasks += 1
+        self.intx_unmask()
+
+    def virqfd_bind(self, fd: int) -> None:
+        """``vfio_virqfd_enable``: a count already there unmasks at once but stays in the
+        eventfd (only a wake-up consumes it)."""
+        self.unmask_virqfd = fd
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        if poller.poll(0):
+            self.virqfd_left = os.eventfd_read(fd)
+            os.eventfd_write(fd, self.virqfd_left)
+            self.virqfd_unmasks += 1
+            self.intx_unmask()
+
+    def virqfd_unbind(self) -> None:
+        self._drop(self.unmask_virqfd)
+        self.unmask_virqfd = None
+        self.virqfd_left = 0
 
     def _signal_intx(self) -> None:
         if not self.virq_disabled and self.trigger is not None:
@@ -130,6 +183,8 @@ class FakeFunction:
     def intx_unmask(self) -> None:
         if self.masked and not self.virq_disabled:
             if self.level:  # still asserted: stays masked, re-signalled at once
+                if not self.pci_2_3:  # re-enabled at the irqchip: the line fires again
+                    self._host_irq()
                 self._signal_intx()
             else:
                 self.masked = False
@@ -147,8 +202,7 @@ class FakeFunction:
 
     def intx_disable(self) -> None:
         self._set_trigger(None)
-        self._drop(self.unmask_virqfd)
-        self.unmask_virqfd = None
+        self.virqfd_unbind()
         self.irq_type = "none"
         self.masked = False
 
@@ -184,6 +238,7 @@ class FakeFunction:
         return 0
 
     def bar0_write(self, offset: int, value: int) -> None:
+        self.virqfd_poll()
         if offset == EDU_IRQ_RAISE:
             self.edu_status |= value
             if self.edu_status:
@@ -215,6 +270,7 @@ class FakeFunction:
         return cfg
 
     def config_write(self, offset: int, data: bytes) -> None:
+        self.virqfd_poll()
         if offset == uapi.PCI_COMMAND and len(data) >= 2:
             value = int.from_bytes(data[:2], "little")
             disable = bool(value & uapi.PCI_COMMAND_INTX_DISABLE)
@@ -275,8 +331,9 @@ class FakeVfio:
 
     def __init__(self, dev_root: Path = Path("/dev"), *, type1v2: bool = True,
                  type1: bool = True, noiommu: bool = False, iommufd: bool = False,
-                 interrupt_remapping: bool = True) -> None:
+                 interrupt_remapping: bool = True, sparse_irq: bool = False) -> None:
         self.dev_root = dev_root
+        self.sparse_irq = sparse_irq  # the host has /sys/kernel/irq/N/per_cpu_count
         self.type1v2 = type1v2
         self.type1 = type1
         self.noiommu_enabled = noiommu
@@ -290,6 +347,7 @@ class FakeVfio:
         self._next_ioas = 1
         self.calls: list[str] = []  # ioctl names, in order, for tests
         self._sysfs_root: Path | None = None
+        self._proc_root: Path | None = None
         # host drivers' handlers on IRQ lines, as /proc/interrupts names them
         self.irq_handlers: dict[int, list[str]] = {}
 
@@ -300,7 +358,18 @@ class FakeVfio:
         if self.iommufd and fn.cdev is None:
             fn.cdev = len(self.functions)
         self.functions[fn.address] = fn
+        fn.on_irq = self._on_irq
         return fn
+
+    def _on_irq(self, fn: FakeFunction) -> None:
+        """The host took an IRQ: the fixture trees show the new count at once."""
+        self._write_irq_counts()
+
+    def _write_irq_counts(self) -> None:
+        if self._proc_root is not None:
+            write_proc_interrupts(self._proc_root, self.functions.values(), self.irq_handlers)
+        if self._sysfs_root is not None and self.sparse_irq:
+            write_per_cpu_counts(self._sysfs_root, self.functions.values(), self.irq_handlers)
 
     def set_noiommu(self, group: int) -> None:
         """Make ``group`` a no-IOMMU group (``/dev/vfio/noiommu-N``)."""
@@ -350,8 +419,8 @@ class FakeVfio:
         """Write the sysfs/proc/dev trees a real host with these devices would show."""
         write_sysfs(sysfs_root, self.functions.values(), iommufd=self.iommufd)
         self._sysfs_root = sysfs_root
-        if proc_root is not None:
-            write_proc_interrupts(proc_root, self.functions.values(), self.irq_handlers)
+        self._proc_root = proc_root
+        self._write_irq_counts()
         root = self.dev_root if dev_root is None else dev_root
         vfio = root / "vfio"
         vfio.mkdir(parents=True, exist_ok=True)
@@ -598,6 +667,7 @@ class FakeVfio:
     def _fn(self, fd: int) -> FakeFunction:
         fn = self._device_file(fd).function
         assert fn is not None
+        fn.virqfd_poll()  # an EOI signalled before this call has unmasked already
         return fn
 
     def device_get_info(self, device: int) -> VfioDeviceInfo:
@@ -647,11 +717,12 @@ class FakeVfio:
             self._sync_sysfs(fn)
 
     def _sync_sysfs(self, fn: FakeFunction) -> None:
-        """Keep the fixture's sysfs ``config`` (the hardware's view) current."""
+        """Keep the fixture's sysfs ``config`` (the hardware's view) and IRQ counts current."""
         if self._sysfs_root is not None:
             config = sysfs_device_dir(self._sysfs_root, fn) / "config"
             if config.exists():
                 config.write_bytes(bytes(fn.config_bytes(virtual=False)))
+        self._write_irq_counts()  # an enabled line's handler shows in /proc/interrupts
 
     def _set_irqs(self, fn: FakeFunction, request: bytes) -> None:
         """``vfio_set_irqs_validate_and_prepare`` + ``vfio_pci_set_irqs_ioctl``."""
@@ -721,12 +792,11 @@ class FakeVfio:
             if data_flags == IrqSetFlag.DATA_EVENTFD:
                 fd = _s32(data)
                 if fd < 0:
-                    fn._drop(fn.unmask_virqfd)
-                    fn.unmask_virqfd = None
+                    fn.virqfd_unbind()
                 elif fn.unmask_virqfd is not None:
                     raise _oserror(errno.EBUSY)
-                else:  # bound but not run: the twin does not model virqfd wakeups
-                    fn.unmask_virqfd = _take_eventfd(fd)
+                else:
+                    fn.virqfd_bind(_take_eventfd(fd))
             elif data_flags == IrqSetFlag.DATA_NONE or data[0]:
                 fn.intx_unmask()
         elif data_flags == IrqSetFlag.DATA_EVENTFD:
@@ -855,17 +925,48 @@ def write_sysfs(root: Path, functions: Iterable[FakeFunction], *, iommufd: bool 
             (dev / "vfio-dev" / f"vfio{fn.cdev}").mkdir(parents=True, exist_ok=True)
 
 
+def _irq_counts(functions: Iterable[FakeFunction]) -> dict[int, int]:
+    """Each IRQ's count: the hard interrupts of every function on it (a shared line's
+    count is all of theirs)."""
+    counts: dict[int, int] = {}
+    for fn in functions:
+        if fn.host_irqs:
+            counts[fn.irq] = counts.get(fn.irq, 0) + fn.host_irqs
+    return counts
+
+
+def _per_cpu(count: int) -> tuple[int, int]:
+    """A count spread over two CPUs (the files are summed, so any split will do)."""
+    return count - count // 2, count // 2
+
+
 def write_proc_interrupts(proc_root: Path, functions: Iterable[FakeFunction],
                           extra: dict[int, list[str]] | None = None) -> None:
-    """/proc/interrupts with a ``vfio-intx(BDF)`` action per enabled INTx line."""
+    """/proc/interrupts with a ``vfio-intx(BDF)`` action per enabled INTx line, and each
+    IRQ's count (``host_irqs``) over two CPUs; a line that counted stays listed."""
+    functions = list(functions)
     actions: dict[int, list[str]] = {k: list(v) for k, v in (extra or {}).items()}
+    counts = _irq_counts(functions)
     for fn in functions:
         if fn.irq_type == "intx":
             actions.setdefault(fn.irq, []).append(f"vfio-intx({fn.address})")
     lines = ["           CPU0       CPU1"]
-    for irq in sorted(actions):
-        lines.append(f"{irq:4d}:          0          0  IR-IO-APIC   {irq}-fasteoi   "
-                     + ", ".join(actions[irq]))
+    for irq in sorted(set(actions) | set(counts)):
+        cpu0, cpu1 = _per_cpu(counts.get(irq, 0))
+        lines.append(f"{irq:4d}: {cpu0:10d} {cpu1:10d}  IR-IO-APIC   {irq}-fasteoi   "
+                     + ", ".join(actions.get(irq, [])))
     lines.append(" NMI:          0          0   Non-maskable interrupts")
     proc_root.mkdir(parents=True, exist_ok=True)
     (proc_root / "interrupts").write_text("\n".join(lines) + "\n")
+
+
+def write_per_cpu_counts(sysfs_root: Path, functions: Iterable[FakeFunction],
+                         extra: dict[int, list[str]] | None = None) -> None:
+    """``/sys/kernel/irq/N/per_cpu_count`` of each IRQ the functions (or ``extra``) use."""
+    functions = list(functions)
+    counts = _irq_counts(functions)
+    for irq in {fn.irq for fn in functions} | set(extra or {}):
+        path = sysfs_root / "kernel" / "irq" / str(irq)
+        path.mkdir(parents=True, exist_ok=True)
+        cpu0, cpu1 = _per_cpu(counts.get(irq, 0))
+        (path / "per_cpu_count").write_text(f"{cpu0},{cpu1}\n")

@@ -192,6 +192,24 @@ DISABLE_INTX: Final = irq_set(
 LOOPBACK_INTX: Final = irq_set(IrqIndex.INTX, IrqSetFlag.DATA_NONE | IrqSetFlag.ACTION_TRIGGER)
 
 
+def intx_trigger(fd: int) -> bytes:
+    """Register ``fd`` as the INTx trigger. On a line that is not enabled this enables it;
+    on an enabled one it only replaces the eventfd and keeps the masked state
+    (docs/intx-eoi.md §3, §14). eoid never passes -1 here: that leaves INTx enabled with
+    nobody told (§4)."""
+    return irq_set_eventfds(IrqIndex.INTX, IrqSetFlag.ACTION_TRIGGER, [fd])
+
+
+def intx_unmask_eventfd(fd: int) -> bytes:
+    """Bind ``fd`` as the INTx unmask eventfd: the kernel's virqfd unmasks the line each
+    time it is signalled, with no process woken (docs/intx-eoi.md §12, §14). ``-1``
+    unbinds; one can be bound at a time (``EBUSY``); INTx must be enabled (``EINVAL``)."""
+    return irq_set_eventfds(IrqIndex.INTX, IrqSetFlag.ACTION_UNMASK, [fd])
+
+
+UNBIND_INTX_UNMASK: Final = intx_unmask_eventfd(-1)
+
+
 def disable_irq(index: int) -> bytes:
     """Unregister the trigger of ``index`` (``DATA_NONE|ACTION_TRIGGER``, count 0)."""
     return irq_set(index, IrqSetFlag.DATA_NONE | IrqSetFlag.ACTION_TRIGGER, count=0)

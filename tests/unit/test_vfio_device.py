@@ -20,6 +20,7 @@ from eoid.device import DeviceEvent, IntxDevice
 from eoid.errors import VfioError
 from eoid.vfio import uapi
 from eoid.vfio.device import VfioDevice, open_vfio_device
+from eoid.vfio.procirq import IrqCounter
 from eoid.vfio.twin import FakeFunction, FakeVfio
 
 EDU = "0000:00:10.0"
@@ -32,10 +33,12 @@ class Host:
     proc: Path
     dev: Path
 
-    def open(self, address: str = EDU, name: str = "edu0", **kwargs: bool) -> VfioDevice:
+    def open(self, address: str = EDU, name: str = "edu0", *,
+             request_irqs: bool = True) -> VfioDevice:
         self.api.write_tree(self.sysfs, self.proc, self.dev)
         return open_vfio_device(name, address, sysfs_root=self.sysfs, dev_root=self.dev,
-                                api=self.api, **kwargs)
+                                api=self.api, request_irqs=request_irqs,
+                                irqs=IrqCounter(self.proc, self.sysfs))
 
     def fn(self, address: str = EDU) -> FakeFunction:
         return self.api.functions[address]
@@ -521,4 +524,302 @@ def test_reset_unsupported(host: Host) -> None:
 
 def test_vfio_device_is_an_intx_device(host: Host) -> None:
     device: IntxDevice = host.open()
+    device.close()
+
+
+# --- the kernel's datapath: route, kernel_interrupts (docs/intx-eoi.md §14) -----------------
+
+
+@dataclass
+class Consumer:
+    """A consumer's two eventfds, as a VMM would hold them."""
+
+    irq: int
+    eoi: int
+
+    def eoi_now(self) -> None:
+        os.eventfd_write(self.eoi, 1)
+
+
+@pytest.fixture
+def consumer() -> Iterator[Consumer]:
+    c = Consumer(*(os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(2)))
+    yield c
+    os.close(c.irq)
+    os.close(c.eoi)
+
+
+def intx_calls(api: FakeVfio) -> list[str]:
+    return [c for c in api.calls if c.startswith("SET_IRQS(INTX")]
+
+
+BIND = "SET_IRQS(INTX,DATA_EVENTFD|ACTION_UNMASK,0,1)"
+SWAP = "SET_IRQS(INTX,DATA_EVENTFD|ACTION_TRIGGER,0,1)"
+
+
+def test_route_binds_the_unmask_first_and_swaps_the_trigger_second(
+        host: Host, trigger: int, consumer: Consumer) -> None:
+    device = host.open()
+    device.enable(trigger)
+    host.api.calls.clear()
+    device.route(consumer.irq, consumer.eoi)
+    assert intx_calls(host.api) == [BIND, SWAP]  # nothing masked, nothing unmasked
+    host.api.calls.clear()
+    device.route(trigger, None)
+    assert intx_calls(host.api) == [SWAP, BIND]  # the second one is fd -1: unbind
+    assert host.fn().unmask_virqfd is None
+    device.close()
+
+
+def test_on_the_kernel_path_the_kernel_signals_and_unmasks_without_eoid(
+        host: Host, trigger: int, consumer: Consumer) -> None:
+    device = host.open()
+    device.enable(trigger)
+    device.route(consumer.irq, consumer.eoi)
+    fn = host.fn()
+    host.api.calls.clear()
+    for _ in range(3):
+        fn.bar0_write(0x60, 1)  # raise
+        assert pending(consumer.irq) == 1
+        assert pending(trigger) == 0
+        assert fn.masked
+        fn.bar0_write(0x64, 1)  # the consumer services the device...
+        consumer.eoi_now()  # ...and ends the interrupt: the virqfd unmasks
+        fn.virqfd_poll()
+        assert not fn.masked
+    assert host.api.calls == []  # eoid issued nothing
+    assert fn.virqfd_unmasks == 3
+    device.close()
+
+
+def test_an_eoi_while_still_asserted_re_signals_the_consumer(
+        host: Host, trigger: int, consumer: Consumer) -> None:
+    device = host.open()
+    device.enable(trigger)
+    device.route(consumer.irq, consumer.eoi)
+    fn = host.fn()
+    fn.bar0_write(0x60, 1)
+    assert pending(consumer.irq) == 1
+    consumer.eoi_now()  # not serviced: the line is still asserted (docs/intx-eoi.md §2)
+    fn.virqfd_poll()
+    assert fn.masked
+    assert pending(consumer.irq) == 1
+    device.close()
+
+
+@pytest.mark.parametrize("fired", [True, False])
+def test_route_keeps_the_masked_state_both_ways(
+        host: Host, trigger: int, consumer: Consumer, fired: bool) -> None:
+    device = host.open()
+    device.enable(trigger)
+    fn = host.fn()
+    if fired:
+        fn.assert_line()  # forwarded by eoid, not yet ended: masked
+        assert pending(trigger) == 1
+    device.route(consumer.irq, consumer.eoi)
+    assert fn.masked is fired
+    assert pending(consumer.irq) == 0  # no re-signal: nothing was unmasked
+    device.route(trigger, None)
+    assert fn.masked is fired
+    assert pending(trigger) == 0
+    if fired:  # eoid's EOI of the interrupt it forwarded before the switches
+        fn.deassert_line()
+        device.unmask()
+        assert not fn.masked
+    device.close()
+
+
+def test_an_eoi_of_a_relayed_interrupt_reaches_the_kernel_after_the_switch(
+        host: Host, trigger: int, consumer: Consumer) -> None:
+    device = host.open()
+    device.enable(trigger)
+    fn = host.fn()
+    fn.assert_line()  # relayed; the consumer services it on the kernel's path
+    device.route(consumer.irq, consumer.eoi)
+    fn.deassert_line()
+    consumer.eoi_now()
+    fn.virqfd_poll()
+    assert not fn.masked
+    device.close()
+
+
+def test_a_count_already_in_the_eoi_eventfd_unmasks_at_bind_and_stays(
+        host: Host, trigger: int, consumer: Consumer) -> None:
+    device = host.open()
+    device.enable(trigger)
+    fn = host.fn()
+    fn.assert_line()
+    fn.deassert_line()
+    consumer.eoi_now()  # the consumer ended it before the switch
+    device.route(consumer.irq, consumer.eoi)
+    assert not fn.masked  # vfio_virqfd_enable ran the unmask...
+    fn.virqfd_poll()
+    assert fn.virqfd_unmasks == 1  # ...once: the count it found is no new signal
+    assert pending(consumer.eoi) == 1  # ...and left the count where it was
+    device.close()
+
+
+def test_after_unbinding_an_eoi_no_longer_unmasks(
+        host: Host, trigger: int, consumer: Consumer) -> None:
+    device = host.open()
+    device.enable(trigger)
+    device.route(consumer.irq, consumer.eoi)
+    device.route(trigger, None)
+    fn = host.fn()
+    fn.assert_line()
+    assert pending(trigger) == 1  # eoid's trigger again
+    assert pending(consumer.irq) == 0
+    fn.deassert_line()
+    consumer.eoi_now()
+    fn.virqfd_poll()
+    assert fn.masked  # eoid reads the eoi eventfd now, and unmasks itself
+    assert pending(consumer.eoi) == 1
+    device.close()
+
+
+def test_kernel_to_kernel_rebinds_the_new_eoi_eventfd(
+        host: Host, trigger: int, consumer: Consumer) -> None:
+    other = os.eventfd(0, os.EFD_NONBLOCK)
+    try:
+        device = host.open()
+        device.enable(trigger)
+        device.route(consumer.irq, consumer.eoi)
+        device.route(consumer.irq, other)  # no EBUSY: the old one is unbound first
+        fn = host.fn()
+        fn.assert_line()
+        fn.deassert_line()
+        os.eventfd_write(other, 1)
+        fn.virqfd_poll()
+        assert not fn.masked
+        device.close()
+    finally:
+        os.close(other)
+
+
+def test_route_failures_are_vfio_errors_with_hints(
+        host: Host, trigger: int, consumer: Consumer) -> None:
+    device = host.open()
+    with pytest.raises(VfioError, match="INTx is not enabled"):
+        device.route(consumer.irq, consumer.eoi)
+    device.enable(trigger)
+    closed = os.eventfd(0)
+    os.close(closed)
+    with pytest.raises(VfioError, match=r"bind unmask eventfd: .*eoi fd is closed") as e:
+        device.route(consumer.irq, closed)
+    assert e.value.errno == errno.EBADF
+    # a VMM (or another eoid) bound its resamplefd already
+    vmm = os.eventfd(0, os.EFD_NONBLOCK)
+    fd = device.held_fds()["device"]
+    host.api.device_set_irqs(fd, uapi.intx_unmask_eventfd(vmm))
+    with pytest.raises(VfioError, match="another unmask eventfd is bound") as e:
+        device.route(consumer.irq, consumer.eoi)
+    assert e.value.errno == errno.EBUSY
+    host.api.device_set_irqs(fd, uapi.UNBIND_INTX_UNMASK)
+    os.close(vmm)
+    # the trigger swap fails after the bind: the bind is undone
+    null = os.open("/dev/null", os.O_RDONLY)
+    try:
+        with pytest.raises(VfioError, match=r"swap trigger: .*not an eventfd") as e:
+            device.route(null, consumer.eoi)
+    finally:
+        os.close(null)
+    assert e.value.errno == errno.EINVAL
+    assert host.fn().unmask_virqfd is None
+    assert host.fn().trigger is not None  # still eoid's
+    # the VMM moved the device to MSI under eoid
+    host.api.switch_to_msi(EDU)
+    with pytest.raises(VfioError, match="no longer enabled"):
+        device.route(consumer.irq, consumer.eoi)
+    device.close()
+    with pytest.raises(VfioError, match="device closed"):
+        device.route(trigger, None)
+
+
+def test_an_adopted_line_left_on_the_kernel_path_comes_back(
+        host: Host, trigger: int, consumer: Consumer) -> None:
+    old = host.open()
+    old.enable(trigger)
+    old.route(consumer.irq, consumer.eoi)  # then the old eoid was killed
+    device = VfioDevice.adopt("edu0", EDU, old.held_fds(), api=host.api,
+                              sysfs_root=host.sysfs, irqs=IrqCounter(host.proc, host.sysfs))
+    device.route(trigger, None)
+    fn = host.fn()
+    assert fn.unmask_virqfd is None
+    fn.assert_line()
+    assert pending(trigger) == 1
+    assert pending(consumer.irq) == 0
+    assert device.kernel_interrupts() == 0  # counted from this open on
+    device.close()
+
+
+@pytest.mark.parametrize("sparse_irq", [False, True], ids=["proc-interrupts", "per-cpu-count"])
+def test_kernel_interrupts_counts_only_the_kernel_windows(
+        tmp_path: Path, trigger: int, consumer: Consumer, sparse_irq: bool) -> None:
+    host = make_host(tmp_path, sparse_irq=sparse_irq)
+    device = host.open()
+    fn = host.fn()
+
+    def fire(n: int, fd: int) -> None:
+        for _ in range(n):
+            fn.assert_line()
+            assert pending(fd) == 1
+            fn.deassert_line()
+            if fd == consumer.irq:
+                consumer.eoi_now()
+            else:
+                device.unmask()
+
+    device.enable(trigger)
+    assert device.kernel_interrupts() == 0
+    fire(3, trigger)  # relayed: eoid counts those
+    assert device.kernel_interrupts() == 0
+    device.route(consumer.irq, consumer.eoi)
+    fire(5, consumer.irq)
+    assert fn.host_irqs == 8
+    device.route(trigger, None)
+    assert device.kernel_interrupts() == 5
+    fire(2, trigger)
+    assert device.kernel_interrupts() == 5
+    device.route(consumer.irq, consumer.eoi)
+    fire(4, consumer.irq)
+    assert device._irqs.source == ("per_cpu_count" if sparse_irq else "/proc/interrupts")
+    # while routed the answer may be cached (max_age); a fresh reader sees all of it
+    device._irqs.max_age = 0
+    assert device.kernel_interrupts() == 9
+    device.disable()  # disabling closes the window (and unbinds the unmask)
+    fn.host_irqs += 10  # the line is someone else's now: not counted
+    assert device.kernel_interrupts() == 9
+    device.close()
+
+
+def test_kernel_interrupts_is_none_when_the_host_count_cannot_be_read(
+        host: Host, trigger: int, consumer: Consumer) -> None:
+    host.api.write_tree(host.sysfs, host.proc, host.dev)
+    nowhere = host.proc.parent / "nowhere"  # e.g. /proc not mounted in eoid's namespace
+    device = open_vfio_device("edu0", EDU, sysfs_root=host.sysfs, dev_root=host.dev,
+                              api=host.api, irqs=IrqCounter(nowhere, nowhere))
+    device.enable(trigger)
+    device.route(consumer.irq, consumer.eoi)
+    assert device.kernel_interrupts() is None
+    device.route(trigger, None)
+    assert device.kernel_interrupts() is None  # a window went uncounted: unknown from now
+    device.close()
+
+
+def test_kernel_interrupts_never_goes_down(
+        host: Host, trigger: int, consumer: Consumer) -> None:
+    """A cached count older than the window's start must not make the answer shrink."""
+    device = host.open()
+    device.enable(trigger)
+    fn = host.fn()
+    device.route(consumer.irq, consumer.eoi)
+    fn.assert_line()
+    fn.deassert_line()
+    consumer.eoi_now()
+    device._irqs.max_age = 0
+    assert device.kernel_interrupts() == 1
+    device._irqs.max_age = 3600  # answers come from the cache from now on
+    device.route(trigger, None)  # fresh read: 1
+    device.route(consumer.irq, consumer.eoi)  # fresh read: the new window starts at 1
+    assert device.kernel_interrupts() == 1
     device.close()

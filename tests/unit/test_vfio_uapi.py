@@ -67,6 +67,14 @@ def test_eventfd_request_layout() -> None:
     assert struct.unpack("=IIIIIi", unbind)[2:] == (3, 0, 1, -1)
 
 
+def test_kernel_datapath_requests() -> None:
+    """docs/intx-eoi.md §14: the unmask eventfd (ACTION_UNMASK|DATA_EVENTFD = 0x14) and the
+    trigger (ACTION_TRIGGER|DATA_EVENTFD = 0x24), INTx, start 0, count 1."""
+    assert uapi.intx_unmask_eventfd(9) == struct.pack("=IIIIIi", 24, 0x14, 0, 0, 1, 9)
+    assert struct.pack("=IIIIIi", 24, 0x14, 0, 0, 1, -1) == uapi.UNBIND_INTX_UNMASK
+    assert uapi.intx_trigger(9) == struct.pack("=IIIIIi", 24, 0x24, 0, 0, 1, 9)
+
+
 def test_region_offsets_and_flag_names() -> None:
     assert uapi.region_offset(uapi.RegionIndex.CONFIG) == 0x70000000000
     assert uapi.flag_names(uapi.IrqInfoFlag(7)) == "EVENTFD|MASKABLE|AUTOMASKED"
