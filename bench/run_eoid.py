@@ -421,7 +421,8 @@ def _settled(daemon: Daemon, kernel_fires: int, before: int) -> dict[str, int]:
 
 
 def measure(daemon: Daemon, mode: str, duration: float, rate: int | None,
-            pump_cpu: int | None, *, pump_args: tuple[str, ...] = ()) -> dict[str, Any]:
+            pump_cpu: int | None, *, pump_args: tuple[str, ...] = (),
+            drain: float = 1.0) -> dict[str, Any]:
     """One load run against an armed daemon: CPU, throughput, in-daemon latencies, lost.
 
     With sampled observation the pump models the line as vfio-pci presents a level-
@@ -443,11 +444,11 @@ def measure(daemon: Daemon, mode: str, duration: float, rate: int | None,
     cpu0, ns0, vol0 = daemon.cpu_us(), thread_cpu_ns(pid), voluntary_switches(pid)
     try:
         pump = launch_pump(quads, mode, duration, rate, cpu=pump_cpu, pump_args=args,
-                           extra_fds=(routes.fileno(), fires_fd))
+                           extra_fds=(routes.fileno(), fires_fd), drain=drain)
     finally:
         routes.close()
         close_all([fd for quad in quads for fd in (quad[0], quad[3], quad[4]) if fd >= 0])
-    out, _ = pump.communicate(timeout=duration + _EXIT_TIMEOUT)
+    out, _ = pump.communicate(timeout=duration + drain + _EXIT_TIMEOUT)
     cpu1, ns1, vol1 = daemon.cpu_us(), thread_cpu_ns(pid), voluntary_switches(pid)
     if daemon.profile is not None:
         os.kill(pid, signal.SIGUSR2)
@@ -518,11 +519,11 @@ def idle_cpu_percent(daemon: Daemon, seconds: float) -> float:
 
 def run_eoid(devices: int, mode: str, duration: float, rate: int | None = None, *,
              loop: str = "uvloop", placement: str = "same", datapath: str = "relay",
-             observe: tuple[str, str] | None = None) -> dict[str, Any]:
+             observe: tuple[str, str] | None = None, drain: float = 1.0) -> dict[str, Any]:
     relay_cpu, pump_cpu = placement_cpus(placement)
     with running(devices, loop, relay_cpu, datapath, observe) as daemon:
         rss = daemon.rss_bytes()
-        result = measure(daemon, mode, duration, rate, pump_cpu)
+        result = measure(daemon, mode, duration, rate, pump_cpu, drain=drain)
         return {"devices": devices, "loop": loop, "mode": mode, "rate": rate,
                 "datapath": datapath, "observe": list(observe) if observe else None,
                 "arm_seconds": daemon.arm_seconds, "rss_bytes": rss, **result}
@@ -540,8 +541,10 @@ if __name__ == "__main__":
     parser.add_argument("--datapath", choices=("relay", "kernel"), default="relay")
     parser.add_argument("--observe", nargs=2, metavar=("EVERY", "FOR"),
                         help="sampled observation, e.g. 1s 100ms (with --datapath kernel)")
+    parser.add_argument("--drain", type=float, default=1.0,
+                        help="seconds the pump waits for what is in flight after the load")
     a = parser.parse_args()
     r = run_eoid(a.devices, a.mode, a.duration, a.rate, loop=a.loop, datapath=a.datapath,
-                 observe=tuple(a.observe) if a.observe else None)
+                 observe=tuple(a.observe) if a.observe else None, drain=a.drain)
     r.pop("pump")
     print(json.dumps(r, indent=2))
