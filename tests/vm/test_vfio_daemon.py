@@ -217,6 +217,7 @@ def test_unbind_while_the_daemon_holds_the_device(daemon: Env, edus: list[str]) 
 HELD_POLICY = "policy: {eoi_timeout: 60s, held_timeout: 1s}\n"
 
 
+@pytest.mark.timeout(300)  # three eoid commands (Python start-ups) under TCG
 def test_reset_recovers_an_edu_holding_an_interrupt_for_nobody(
         daemon: Env, edus: list[str]) -> None:
     """`eoid reset` on the real driver: a VMM dies with an edu interrupt in flight and the
