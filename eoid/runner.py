@@ -623,8 +623,9 @@ class DeviceRunner:
         self._act(actions, now)
         if actions & STORM_END:
             self._log_storm(actions)
-        self._count_kernel(device)
-        self._log.debug("on the kernel's path")
+        if self._kernel_seen is None:  # (else known: the count stands still on the relay)
+            self._count_kernel(device)
+        _DEVICE_LOG.debug("on the kernel's path", device=self.name)  # (no bind: windows)
         # Until the backend has bound the unmask, a fire still comes to eoid's trigger
         # (read: the channel forwards it) and an EOI waits in the eventfd for the binding:
         # only a next switch must wait.
@@ -654,7 +655,7 @@ class DeviceRunner:
         now = monotonic_ns()
         triggers, eois = drain_eventfd(self.trigger_fd), drain_eventfd(self.eoi_fd)
         self._act(self.channel.from_kernel(triggers, eois, now), now)
-        self._log.debug("on the relay")
+        _DEVICE_LOG.debug("on the relay", device=self.name)
 
     def _when_routed(self, device: IntxDevice, routed: asyncio.Future[Any] | None,
                      then: Callable[[], None]) -> None:
