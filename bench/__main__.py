@@ -10,6 +10,12 @@ own floor. Every run checks that nothing was lost.
     python -m bench --quick    # under a minute (CI's smoke run; asserts no timings)
     python -m bench --json     # one JSON object for machines
     python -m bench --repeat 3 # medians of three runs of the matrix
+    python -m bench --datapath-only  # relay vs the kernel's path, observation windows
+
+The datapath comparison (also part of the full run; --quick runs a small kernel-mode
+smoke) runs eoid under the same paced load on each datapath, one daemon after the other:
+relay, kernel, and kernel with sampled observation, and reports eoid's CPU and voluntary
+context switches (wake-ups) per interrupt and what an observation window costs.
 """
 
 from __future__ import annotations
@@ -69,6 +75,95 @@ def matrix(quick: bool) -> list[Scenario]:
     return out
 
 
+@dataclass(frozen=True)
+class PathRun:
+    """eoid on one datapath (with sampled observation ``observe`` = (every, for))."""
+
+    devices: int
+    rate: int
+    datapath: str
+    observe: tuple[str, str] | None = None
+
+    @property
+    def name(self) -> str:
+        path = self.datapath + (f", observe {self.observe[1]}/{self.observe[0]}"
+                                if self.observe else "")
+        return f"{self.devices} dev, paced {self.rate // 1000}k/s, {path}"
+
+
+def datapath_matrix(quick: bool, observe: list[tuple[str, str]]) -> list[list[PathRun]]:
+    """Groups of runs under the same load, relay first: each group's figures are compared
+    to its relay run. --quick: a smoke of the kernel's path, with and without observation
+    windows switching the lines under load (checked for loss, not timed)."""
+    if quick:
+        return [[PathRun(64, 10_000, "relay"), PathRun(64, 10_000, "kernel"),
+                 PathRun(64, 10_000, "kernel", ("1s", "100ms"))]]
+    return [[PathRun(n, 10_000, "relay"), PathRun(n, 10_000, "kernel"),
+             *(PathRun(n, 10_000, "kernel", o) for o in observe)] for n in (1024, 64)]
+
+
+def run_datapaths(quick: bool, duration: float, observe: list[tuple[str, str]],
+                  progress: bool) -> list[dict[str, Any]]:
+    """Each group's runs, one daemon after the other on the same pinned CPU as the pump.
+    CPU is eoid's whole process (every thread, schedstat), over the pump's run."""
+    relay_cpu, pump_cpu = placement_cpus("same")
+    rows: list[dict[str, Any]] = []
+    for group in datapath_matrix(quick, observe):
+        ensure_nofile(FDS_PER_DEVICE * group[0].devices + 256)
+        c = run_baseline(group[0].devices, "paced", duration, group[0].rate)
+        relay_ns = kernel_ns = None
+        for r in group:
+            with running(r.devices, "uvloop", relay_cpu, r.datapath, r.observe) as daemon:
+                e = measure(daemon, "paced", duration, r.rate, pump_cpu)
+            total = e["interrupts"] + e["kernel_interrupts"]
+            window = e["pump"]["duration"] + e["pump"]["drain_s"]
+            relay_ns = e["cpu_ns"] if r.datapath == "relay" else relay_ns
+            kernel_ns = e["cpu_ns"] if r.datapath == "kernel" and not r.observe else kernel_ns
+            lane = sum(n for t, n in e["voluntary_switches_by_thread"].items() if "lane" in t)
+            sentinel = sum(n for t, n in e["voluntary_switches_by_thread"].items()
+                           if "sentinel" in t)
+            row: dict[str, Any] = {
+                "name": r.name, "devices": r.devices, "rate": r.rate, "datapath": r.datapath,
+                "observe": list(r.observe) if r.observe else None,
+                "interrupts_per_s": e["interrupts_per_s"], "interrupts": total,
+                "relayed": e["interrupts"], "kernel_interrupts": e["kernel_interrupts"],
+                "cpu_us_per_interrupt": round(e["cpu_ns"] / total / 1e3, 3) if total else None,
+                "cpu_percent": round(e["cpu_ns"] / (window * 1e9) * 100, 3),
+                "c_cpu_us_per_interrupt": round(c["cpu_us_per_interrupt"], 3),
+                "voluntary_switches_per_interrupt": e["voluntary_switches_per_interrupt"],
+                "lane_switches_per_interrupt": round(lane / total, 4) if total else None,
+                "sentinel_switches_per_s": round(sentinel / window, 1),
+                "other_switches": e["voluntary_switches"] - lane - sentinel,
+                "windows": e["observations"],
+                "cpu_percent_of_relay": round(e["cpu_ns"] / relay_ns * 100, 2)
+                if relay_ns else None,
+                "cpu_us_per_window": round((e["cpu_ns"] - kernel_ns) / e["observations"] / 1e3, 1)
+                if kernel_ns is not None and e["observations"] else None,
+                "window_cost_percent_of_relay": round((e["cpu_ns"] - kernel_ns) / relay_ns * 100,
+                                                      2)
+                if relay_ns and kernel_ns is not None and r.observe else None,
+                "sim_requests": e["sim_requests"],
+                # where a window's cost goes: the event loop's thread (switching, the sim's
+                # requests and replies, timers) and the lane (relaying), and their wake-ups
+                "per_window": {
+                    thread.split(":")[-1] + "_" + what: round(value / e["observations"], 1)
+                    for what, values in (("cpu_us", {t: n / 1e3 for t, n in
+                                                      e["cpu_ns_by_thread"].items()}),
+                                         ("wakeups", e["voluntary_switches_by_thread"]))
+                    for thread, value in values.items() if value
+                } if e["observations"] else None,
+                "cpu_ns_by_thread": e["cpu_ns_by_thread"],
+                "spurious_eois": e["spurious_eois"], "skipped": e["skipped"],
+                "lost": e["lost"] + (0 if c["ok"] else 1),
+            }
+            rows.append(row)
+            if progress:
+                print(f"  {r.name}: {row['cpu_us_per_interrupt']} us/interrupt, "
+                      f"{row['voluntary_switches_per_interrupt']} wake-ups/interrupt, "
+                      f"{row['windows']} windows, lost {row['lost']}", file=sys.stderr)
+    return rows
+
+
 def machine() -> dict[str, Any]:
     model = "unknown"
     try:
@@ -81,7 +176,15 @@ def machine() -> dict[str, Any]:
             "python": platform.python_version()}
 
 
-def run(quick: bool, duration: float, progress: bool) -> dict[str, Any]:
+def run(quick: bool, duration: float, progress: bool, *, datapath_only: bool = False,
+        datapath_duration: float = 10.0, observe: list[tuple[str, str]] | None = None,
+        ) -> dict[str, Any]:
+    observe = observe if observe is not None else [("1s", "100ms"), ("60s", "1s")]
+    datapaths = run_datapaths(quick, datapath_duration, observe, progress)
+    if datapath_only:
+        return {"machine": machine(), "duration_seconds": datapath_duration, "quick": quick,
+                "scenarios": [], "datapaths": datapaths, "arm_seconds": {},
+                "idle_cpu_percent": None, "skipped": []}
     scenarios = matrix(quick)
     relay_cpu, pump_cpu = placement_cpus("same")
     _, other_cpu = placement_cpus("split")
@@ -150,8 +253,8 @@ def run(quick: bool, duration: float, progress: bool) -> dict[str, Any]:
             for row in rows:
                 row["rss_bytes_per_device"] = round(slope)
     return {"machine": machine(), "duration_seconds": duration, "quick": quick,
-            "scenarios": results, "arm_seconds": arm, "idle_cpu_percent": idle,
-            "skipped": skipped}
+            "scenarios": results, "datapaths": datapaths, "arm_seconds": arm,
+            "idle_cpu_percent": idle, "skipped": skipped}
 
 
 def median_of(reports: list[dict[str, Any]]) -> dict[str, Any]:
@@ -169,6 +272,16 @@ def median_of(reports: list[dict[str, Any]]) -> dict[str, Any]:
         row["lost"] = sum(r["lost"] for r in same)
         rows.append(row)
     merged["scenarios"] = rows
+    paths = []
+    for same in zip(*(r["datapaths"] for r in reports), strict=True):
+        row = dict(same[0])
+        for key, value in row.items():
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                values = [r[key] for r in same if r[key] is not None]
+                row[key] = statistics.median(values) if values else None
+        row["lost"] = sum(r["lost"] for r in same)
+        paths.append(row)
+    merged["datapaths"] = paths
     merged["arm_seconds"] = {n: statistics.median(r["arm_seconds"][n] for r in reports)
                              for n in reports[0]["arm_seconds"]}
     idle = [r["idle_cpu_percent"] for r in reports if r["idle_cpu_percent"] is not None]
@@ -176,7 +289,25 @@ def median_of(reports: list[dict[str, Any]]) -> dict[str, Any]:
     return merged
 
 
+def datapath_table(rows: list[dict[str, Any]]) -> str:
+    head = ("datapath run", "interrupts/s", "relayed", "eoid CPU us/irq", "C us/irq",
+            "eoid CPU %", "wake-ups/irq (lane)", "sentinel /s", "windows", "us/window",
+            "% of relay CPU", "window cost % of relay", "lost")
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        out.append("| " + " | ".join(str(v) for v in (
+            r["name"], f"{r['interrupts_per_s']:.0f}", r["relayed"], r["cpu_us_per_interrupt"],
+            r["c_cpu_us_per_interrupt"], r["cpu_percent"],
+            f"{r['voluntary_switches_per_interrupt']} ({r['lane_switches_per_interrupt']})",
+            r["sentinel_switches_per_s"], r["windows"], r["cpu_us_per_window"] or "-",
+            r["cpu_percent_of_relay"], r["window_cost_percent_of_relay"] or "-",
+            r["lost"])) + " |")
+    return "\n".join(out)
+
+
 def table(report: dict[str, Any]) -> str:
+    if not report["scenarios"]:
+        return datapath_table(report["datapaths"])
     head = ("scenario", "interrupts/s", "CPU us/irq", "C us/irq", "ratio to C",
             "Python floor", "EOI->unmask p50/p99/p99.9 us", "trigger->forward p99 us",
             "RSS MB", "lost")
@@ -192,7 +323,7 @@ def table(report: dict[str, Any]) -> str:
     arm = ", ".join(f"{n} devices {s:.3f} s" for n, s in report["arm_seconds"].items())
     rows += ["", f"Arm time: {arm}. Idle CPU: {report['idle_cpu_percent']} %."]
     rows += [f"Not run: {reason}." for reason in report["skipped"]]
-    return "\n".join(rows)
+    return "\n".join(rows) + "\n\n" + datapath_table(report["datapaths"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -203,12 +334,23 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds of load per run (default 3, --quick 1)")
     parser.add_argument("--repeat", type=int, default=1,
                         help="run the matrix N times and report medians (lost: the sum)")
+    parser.add_argument("--datapath-only", action="store_true",
+                        help="only the datapath comparison (relay, kernel, observation)")
+    parser.add_argument("--datapath-duration", type=float, default=None,
+                        help="seconds of load per datapath run (default 10, --quick 1)")
+    parser.add_argument("--observe", nargs=2, action="append", metavar=("EVERY", "FOR"),
+                        help="the observation windows to compare (repeatable; default: "
+                        "1s 100ms and 60s 1s)")
     args = parser.parse_args(argv)
     duration = args.duration or (1.0 if args.quick else 3.0)
-    report = median_of([run(args.quick, duration, progress=True)  # progress: stderr
+    path_duration = args.datapath_duration or (1.0 if args.quick else 10.0)
+    observe = [tuple(o) for o in args.observe] if args.observe else None
+    report = median_of([run(args.quick, duration, progress=True,  # progress: stderr
+                            datapath_only=args.datapath_only, datapath_duration=path_duration,
+                            observe=observe)
                         for _ in range(max(1, args.repeat))])
     print(json.dumps(report, indent=2) if args.json else table(report))
-    return 1 if any(r["lost"] for r in report["scenarios"]) else 0
+    return 1 if any(r["lost"] for r in report["scenarios"] + report["datapaths"]) else 0
 
 
 if __name__ == "__main__":

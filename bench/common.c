@@ -88,7 +88,7 @@ static char *read_spec_fd(int fd)
 	return buf;
 }
 
-static int check_fd(long fd)
+int check_fd_nonblock(long fd)
 {
 	int flags = fcntl((int)fd, F_GETFL);
 
@@ -110,19 +110,24 @@ static struct quad *parse_spec(const char *spec, size_t *count)
 	if (!q)
 		die("out of memory");
 	while (*p) {
-		long v[4];
+		long v[5] = { 0, 0, 0, 0, -1 };
+		int fields = 4;
 
-		for (int i = 0; i < 4; i++) {
+		for (int i = 0; i < fields; i++) {
 			char *end;
 
 			errno = 0;
 			v[i] = strtol(p, &end, 10);
-			if (errno || end == p || v[i] < 0 || v[i] > INT32_MAX)
+			/* only the optional fifth (virqfd) may be -1: none */
+			if (errno || end == p || v[i] < (i == 4 ? -1 : 0) || v[i] > INT32_MAX)
 				die("fd list: bad number at '%.20s'", p);
 			p = end;
 			if (i < 3) {
 				if (*p != ',')
 					die("fd list: expected ',' at '%.20s' (need trigger,irq,eoi,unmask)", p);
+				p++;
+			} else if (i == 3 && *p == ',') {
+				fields = 5;
 				p++;
 			}
 		}
@@ -132,10 +137,11 @@ static struct quad *parse_spec(const char *spec, size_t *count)
 			if (!q)
 				die("out of memory");
 		}
-		q[n].trigger = check_fd(v[0]);
-		q[n].irq = check_fd(v[1]);
-		q[n].eoi = check_fd(v[2]);
-		q[n].unmask = check_fd(v[3]);
+		q[n].trigger = check_fd_nonblock(v[0]);
+		q[n].irq = check_fd_nonblock(v[1]);
+		q[n].eoi = check_fd_nonblock(v[2]);
+		q[n].unmask = check_fd_nonblock(v[3]);
+		q[n].virqfd = v[4] < 0 ? -1 : check_fd_nonblock(v[4]);
 		n++;
 		/* Separators: ';' between quads; tolerate trailing space/newline
 		 * from a file. */

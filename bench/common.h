@@ -3,7 +3,10 @@
  * Both programs inherit eventfds from their parent and are told which is
  * which with a device list, one quad per device, in the order
  *     trigger,irq,eoi,unmask
- * and quads separated by ';', e.g. "3,4,5,6;7,8,9,10". The list is given
+ * and quads separated by ';', e.g. "3,4,5,6;7,8,9,10". The pump also takes
+ * an optional fifth fd, ",virqfd" (-1: none): the eventfd the kernel's path
+ * reads as the line's unmask (the consumer's eoi eventfd; see pump.c). The
+ * list is given
  * either inline (--fds LIST) or, for thousands of devices where it would
  * approach the kernel's 128 KiB limit on one argument, in a file or memfd
  * that the parent passes as an inherited fd (--fds-from FD, read with
@@ -22,6 +25,7 @@ struct quad {
 	int irq;     /* daemon writes to forward; guest (pump) reads */
 	int eoi;     /* guest (pump) writes on EOI; daemon reads */
 	int unmask;  /* daemon writes to re-arm; simulated device (pump) reads */
+	int virqfd;  /* kernel's path: bound unmask eventfd the kernel (pump) reads; -1: none */
 };
 
 /* Print "prog: message[: strerror]" and exit 2. */
@@ -30,6 +34,9 @@ __attribute__((noreturn, format(printf, 1, 2))) void die(const char *fmt, ...);
 /* Parse the quads from --fds (inline) or --fds-from (fd); exactly one of the
  * two must be given. Every fd is checked to be open and made nonblocking. */
 struct quad *load_quads(const char *inline_spec, const char *from_fd, size_t *count);
+
+/* Check that fd is open and make it nonblocking; returns it. */
+int check_fd_nonblock(long fd);
 
 /* Parse an option's value (integer within [min, max]; seconds >= 0) or die
  * naming the option. */

@@ -22,6 +22,23 @@
  * has a CPU of its own: it then keeps up at 100k/s and its own wakeups stay
  * out of the round trips; on the relay's CPU it would starve the relay.
  * Above the duration, the pump never sleeps.
+ * --routes FD: play the kernel's datapath too (README, "Two datapaths"). FD is
+ * a SOCK_SEQPACKET socket on which the sim stand-in (bench/run_eoid.py)
+ * passes each route the daemon asks of a line, as the sim's ``route`` does
+ * (eoid/sim/line.py): a 4-byte device index and, by SCM_RIGHTS, the new
+ * trigger and optionally the eventfd to bind as the line's unmask (the
+ * virqfd: on the kernel's path, the consumer's irq is the trigger and its
+ * eoi the virqfd). With a virqfd it is bound first, then the trigger
+ * swapped, and a count already in it unmasks; without, the trigger is
+ * swapped, then the virqfd unbound. The masked state is kept. The pump
+ * answers each route with its index once applied. A bound virqfd is read
+ * as the kernel's virqfd reads it: the EOI unmasks the line, nobody wakes.
+ * The daemon's own unmask eventfd keeps working meanwhile, as VFIO's does.
+ * A route's fds may also come in the list: a fifth fd is a virqfd bound at
+ * start.
+ * --kernel-fires FD: a memfd of one uint64 per device, shared with the
+ * stand-in, where fires on a line with a bound virqfd are counted (what
+ * /proc/interrupts tells of a real line; the daemon asks the sim for it).
  * --level: model the line as vfio-pci presents a level-triggered one, for runs
  * where the relay restarts or its consumers re-attach (bench/soak.py): an
  * unmask of a line that is not masked is a no-op (counted, stray_unmasks); an
@@ -48,19 +65,24 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/signalfd.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
-/* epoll cookie: device index << 2 | kind */
-enum { K_IRQ, K_UNMASK, K_SIGNAL };
+/* epoll cookie: device index << 3 | kind */
+enum { K_IRQ, K_UNMASK, K_VIRQFD, K_SIGNAL, K_ROUTES };
 #define MAX_EVENTS 256
 
 enum dev_state { ARMED, WAIT_IRQ, WAIT_UNMASK };
 
 struct dev {
 	uint64_t fired_at; /* ns, CLOCK_MONOTONIC */
+	uint64_t eoi_at, routed_at; /* the last EOI sent, the last route applied */
 	uint8_t state;
+	uint8_t fired_kernel, eoi_kernel; /* fire, EOI made with a virqfd bound */
+	uint8_t routed_kernel; /* the last route bound a virqfd */
 };
 
 /* Log-linear latency histogram (HdrHistogram-style): values below 256 ns
@@ -124,13 +146,15 @@ static double hist_quantile_us(const struct hist *h, double q)
 }
 
 struct pump {
-	const struct quad *q;
+	struct quad *q;
 	struct dev *dev;
 	size_t n;
 	uint64_t fired, irq_received, eoi_sent, unmask_received;
 	uint64_t skipped, unexpected, errors, in_flight;
 	uint64_t completed, refires, stray_unmasks, redelivered;
-	int level;
+	uint64_t virqfd_unmasks, kernel_fired, routes;
+	uint64_t *kernel_fires; /* shared with the stand-in (--kernel-fires), or NULL */
+	int level, ep;
 	struct hist lat;
 };
 
@@ -155,13 +179,28 @@ static int signal_one(struct pump *p, int fd)
 	return 0;
 }
 
+/* The device's line signals its trigger: eoid's eventfd on the relay, the
+ * consumer's irq on the kernel's path (counted as the host would). */
+static int signal_trigger(struct pump *p, size_t i)
+{
+	if (!signal_one(p, p->q[i].trigger))
+		return 0;
+	if (p->q[i].virqfd >= 0) {
+		p->kernel_fired++;
+		if (p->kernel_fires)
+			__atomic_add_fetch(&p->kernel_fires[i], 1, __ATOMIC_RELAXED);
+	}
+	return 1;
+}
+
 static void fire(struct pump *p, size_t i)
 {
 	/* Stamp before the write: the latency includes the fire itself. */
 	p->dev[i].fired_at = now_ns();
-	if (!signal_one(p, p->q[i].trigger))
+	if (!signal_trigger(p, i))
 		return;
 	p->dev[i].state = WAIT_IRQ;
+	p->dev[i].fired_kernel = p->q[i].virqfd >= 0;
 	p->fired++;
 	p->in_flight++;
 }
@@ -189,24 +228,32 @@ static void on_irq(struct pump *p, size_t i)
 	if (signal_one(p, p->q[i].eoi)) {
 		p->eoi_sent++;
 		p->dev[i].state = WAIT_UNMASK;
+		p->dev[i].eoi_at = now_ns();
+		p->dev[i].eoi_kernel = p->q[i].virqfd >= 0;
 	}
 }
 
-/* The device: the line is re-armed. Returns 1 if this completed a round trip. */
-static int on_unmask(struct pump *p, size_t i)
+/* The device: the line is re-armed, by eoid's unmask eventfd or (virqfd) by the
+ * kernel's path on the consumer's EOI. Returns 1 if this completed a round trip. */
+static int on_unmask(struct pump *p, size_t i, int virqfd)
 {
-	uint64_t v = drain(p, p->q[i].unmask);
+	uint64_t v;
 
+	if (virqfd && p->q[i].virqfd < 0)
+		return 0; /* unbound by a route earlier in the same batch of events */
+	v = drain(p, virqfd ? p->q[i].virqfd : p->q[i].unmask);
 	if (!v)
 		return 0;
 	p->unmask_received += v;
+	if (virqfd)
+		p->virqfd_unmasks += v;
 	if (p->level && p->dev[i].state == ARMED) {
 		p->stray_unmasks += v; /* an unmasked line: no-op */
 		return 0;
 	}
 	if (p->level && p->dev[i].state == WAIT_IRQ) {
 		/* Still asserted, not yet serviced: the line fires again. */
-		if (signal_one(p, p->q[i].trigger))
+		if (signal_trigger(p, i))
 			p->refires++;
 		return 0;
 	}
@@ -221,11 +268,79 @@ static int on_unmask(struct pump *p, size_t i)
 	return 1;
 }
 
+static void unbind(struct pump *p, size_t i)
+{
+	if (p->q[i].virqfd < 0)
+		return;
+	/* DEL first: epoll forgets an fd only once every copy of its file is closed,
+	 * and the consumer's eoi (q[i].eoi) is another copy. */
+	if (epoll_ctl(p->ep, EPOLL_CTL_DEL, p->q[i].virqfd, NULL) < 0)
+		die("epoll_ctl(DEL, %d):", p->q[i].virqfd);
+	close(p->q[i].virqfd);
+	p->q[i].virqfd = -1;
+}
+
+static void swap_trigger(struct pump *p, size_t i, int trigger)
+{
+	close(p->q[i].trigger);
+	p->q[i].trigger = trigger;
+}
+
+/* One route from the stand-in (see --routes): applied in the kernel's order,
+ * then acknowledged. Returns 1 if it completed a round trip (a count already
+ * in a newly bound virqfd), 0 if not, -1 when the stand-in has closed. */
+static int on_route(struct pump *p, int sock, size_t *dev)
+{
+	uint32_t index;
+	union {
+		char buf[CMSG_SPACE(2 * sizeof(int))];
+		struct cmsghdr align;
+	} ctl;
+	struct iovec iov = { .iov_base = &index, .iov_len = sizeof(index) };
+	struct msghdr msg = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = ctl.buf,
+			      .msg_controllen = sizeof(ctl.buf) };
+	int fds[2] = { -1, -1 }, nfds = 0, done = 0;
+	ssize_t n = recvmsg(sock, &msg, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
+
+	if (n < 0 && (errno == EAGAIN || errno == EINTR))
+		return 0;
+	if (n <= 0)
+		return -1;
+	for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c))
+		if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS) {
+			nfds = (int)((c->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+			memcpy(fds, CMSG_DATA(c), (size_t)nfds * sizeof(int));
+		}
+	if (n != sizeof(index) || index >= p->n || nfds < 1 || nfds > 2 ||
+	    (msg.msg_flags & MSG_CTRUNC))
+		die("--routes: bad route message (%zd bytes, %d fds)", n, nfds);
+	*dev = index;
+	for (int k = 0; k < nfds; k++)
+		check_fd_nonblock(fds[k]);
+	if (nfds == 2) { /* bind the virqfd, then swap the trigger */
+		unbind(p, index);
+		p->q[index].virqfd = fds[1];
+		epoll_add(p->ep, fds[1], (uint64_t)index << 3 | K_VIRQFD);
+		swap_trigger(p, index, fds[0]);
+		done = on_unmask(p, index, 1);
+	} else { /* swap the trigger, then unbind */
+		swap_trigger(p, index, fds[0]);
+		unbind(p, index);
+	}
+	p->routes++;
+	p->dev[index].routed_at = now_ns();
+	p->dev[index].routed_kernel = nfds == 2;
+	if (send(sock, &index, sizeof(index), MSG_NOSIGNAL) != (ssize_t)sizeof(index))
+		p->errors++;
+	return done;
+}
+
 static void usage(void)
 {
 	fprintf(stderr,
 		"usage: %s (--fds LIST | --fds-from FD) --mode closed|paced [--rate R]\n"
-		"            [--duration S] [--drain S] [--spin-us N] [--level]\n",
+		"            [--duration S] [--drain S] [--spin-us N] [--level]\n"
+		"            [--routes FD] [--kernel-fires FD]\n",
 		progname);
 	exit(2);
 }
@@ -241,13 +356,15 @@ int main(int argc, char **argv)
 		{ "drain", required_argument, NULL, 'D' },
 		{ "spin-us", required_argument, NULL, 's' },
 		{ "level", no_argument, NULL, 'l' },
+		{ "routes", required_argument, NULL, 'R' },
+		{ "kernel-fires", required_argument, NULL, 'K' },
 		{ "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
 	};
 	const char *fds = NULL, *fds_from = NULL, *mode = NULL;
 	double duration = 3, drain_s = 1;
 	uint64_t rate = 0, spin_ns = 0;
-	int paced, ep, sfd, c, running = 1;
+	int paced, ep, sfd, c, running = 1, routes = -1, kfd = -1;
 	struct epoll_event evs[MAX_EVENTS];
 	static struct pump p; /* static: the histogram is ~60 KiB */
 
@@ -261,6 +378,8 @@ int main(int argc, char **argv)
 		case 'd': duration = parse_seconds("--duration", optarg); break;
 		case 'D': drain_s = parse_seconds("--drain", optarg); break;
 		case 'l': p.level = 1; break;
+		case 'R': routes = (int)parse_long("--routes", optarg, 0, INT32_MAX); break;
+		case 'K': kfd = (int)parse_long("--kernel-fires", optarg, 0, INT32_MAX); break;
 		case 's': spin_ns = 1000 * (uint64_t)parse_long("--spin-us", optarg, 0, 1000000000); break;
 		default: usage();
 		}
@@ -280,15 +399,25 @@ int main(int argc, char **argv)
 	p.dev = calloc(p.n, sizeof(*p.dev));
 	if (!p.dev)
 		die("out of memory");
-	ep = epoll_create1(EPOLL_CLOEXEC);
+	if (kfd >= 0) {
+		p.kernel_fires = mmap(NULL, p.n * sizeof(uint64_t), PROT_READ | PROT_WRITE,
+				      MAP_SHARED, kfd, 0);
+		if (p.kernel_fires == MAP_FAILED)
+			die("--kernel-fires %d: mmap:", kfd);
+	}
+	ep = p.ep = epoll_create1(EPOLL_CLOEXEC);
 	if (ep < 0)
 		die("epoll_create1:");
 	for (size_t i = 0; i < p.n; i++) {
-		epoll_add(ep, p.q[i].irq, (uint64_t)i << 2 | K_IRQ);
-		epoll_add(ep, p.q[i].unmask, (uint64_t)i << 2 | K_UNMASK);
+		epoll_add(ep, p.q[i].irq, (uint64_t)i << 3 | K_IRQ);
+		epoll_add(ep, p.q[i].unmask, (uint64_t)i << 3 | K_UNMASK);
+		if (p.q[i].virqfd >= 0)
+			epoll_add(ep, p.q[i].virqfd, (uint64_t)i << 3 | K_VIRQFD);
 	}
 	sfd = stop_signalfd();
 	epoll_add(ep, sfd, K_SIGNAL);
+	if (routes >= 0)
+		epoll_add(ep, routes, K_ROUTES);
 	/* The default 50 us timer slack would bunch paced fires into bursts at
 	 * 100k/s (a 10 us period); ask for wakeups as exact as the kernel can. */
 	prctl(PR_SET_TIMERSLACK, 1UL, 0UL, 0UL, 0UL);
@@ -345,16 +474,29 @@ int main(int argc, char **argv)
 		}
 		for (int e = 0; e < ne; e++) {
 			uint64_t cookie = evs[e].data.u64;
-			size_t i = (size_t)(cookie >> 2);
+			size_t i = (size_t)(cookie >> 3);
 
-			switch (cookie & 3) {
+			switch (cookie & 7) {
 			case K_IRQ:
 				on_irq(&p, i);
 				break;
 			case K_UNMASK:
-				if (on_unmask(&p, i) && running && !paced)
+			case K_VIRQFD:
+				if (on_unmask(&p, i, (cookie & 7) == K_VIRQFD) && running && !paced)
 					fire(&p, i);
 				break;
+			case K_ROUTES: {
+				int r = on_route(&p, routes, &i);
+
+				if (r < 0) { /* the stand-in is gone: no more routes */
+					epoll_ctl(ep, EPOLL_CTL_DEL, routes, NULL);
+					close(routes);
+					routes = -1;
+				} else if (r && running && !paced) {
+					fire(&p, i);
+				}
+				break;
+			}
 			case K_SIGNAL: {
 				struct signalfd_siginfo si;
 
@@ -384,13 +526,14 @@ int main(int argc, char **argv)
 	       "\"unmask_received\": %" PRIu64 ", \"skipped\": %" PRIu64 ", \"unexpected\": %" PRIu64 ", "
 	       "\"errors\": %" PRIu64 ", \"in_flight\": %" PRIu64 ", \"lost\": %" PRIu64 ", "
 	       "\"completed\": %" PRIu64 ", \"refires\": %" PRIu64 ", \"stray_unmasks\": %" PRIu64 ", "
-	       "\"redelivered\": %" PRIu64 ", \"rate_achieved\": %.1f, "
+	       "\"redelivered\": %" PRIu64 ", \"virqfd_unmasks\": %" PRIu64 ", "
+	       "\"kernel_fired\": %" PRIu64 ", \"routes\": %" PRIu64 ", \"rate_achieved\": %.1f, "
 	       "\"p50_us\": %.2f, \"p99_us\": %.2f, \"p999_us\": %.2f, \"max_us\": %.2f, "
 	       "\"mean_us\": %.2f, \"cpu_us\": %.0f, \"ok\": %s}\n",
 	       window, (double)(now_ns() - stopped) / 1e9, p.fired, p.irq_received, p.eoi_sent,
 	       p.unmask_received, p.skipped, p.unexpected, p.errors, p.in_flight,
 	       p.fired > done ? p.fired - done : 0, p.completed, p.refires, p.stray_unmasks,
-	       p.redelivered,
+	       p.redelivered, p.virqfd_unmasks, p.kernel_fired, p.routes,
 	       window > 0 ? (double)p.unmask_received / window : 0.0,
 	       hist_quantile_us(&p.lat, 0.50), hist_quantile_us(&p.lat, 0.99),
 	       hist_quantile_us(&p.lat, 0.999), (double)p.lat.max / 1e3,
@@ -401,5 +544,24 @@ int main(int argc, char **argv)
 				", unmask %" PRIu64 ", unexpected %" PRIu64 ", errors %" PRIu64 "\n",
 			p.fired, p.irq_received, p.eoi_sent, p.unmask_received, p.unexpected,
 			p.errors);
+	/* What each line still in flight went through last (at most 20): when a route
+	 * strands a line, the order of fire, EOI and route says how. */
+	for (size_t i = 0, shown = 0; i < p.n && shown < 20 && p.in_flight; i++) {
+		const struct dev *d = &p.dev[i];
+
+		if (d->state == ARMED)
+			continue;
+		shown++;
+		fprintf(stderr, "pump: in flight: device %zu %s, fired on the %s path, "
+				"EOI %s%s; last route (to the %s path) %+.1f us after the fire%s\n",
+			i, d->state == WAIT_IRQ ? "waits for its irq" : "waits for its unmask",
+			d->fired_kernel ? "kernel's" : "relay's",
+			d->state == WAIT_UNMASK ? "sent with the virqfd " : "not sent",
+			d->state == WAIT_UNMASK ? (d->eoi_kernel ? "bound" : "unbound") : "",
+			d->routed_kernel ? "kernel's" : "relay's",
+			((double)d->routed_at - (double)d->fired_at) / 1e3,
+			d->state == WAIT_UNMASK && d->routed_at > d->eoi_at ? " (and after the EOI)"
+									    : "");
+	}
 	return ok ? 0 : 1;
 }

@@ -91,7 +91,7 @@ def _spawn(
     cpu: int | None = None,
 ) -> subprocess.Popen[str]:
     spec = fd_spec(quads)
-    pass_fds = [fd for quad in quads for fd in quad] + list(extra_fds)
+    pass_fds = [fd for quad in quads for fd in quad if fd >= 0] + list(extra_fds)
     memfd = -1
     if len(spec) <= _INLINE_SPEC_MAX:
         fd_args = ["--fds", spec]
@@ -155,20 +155,23 @@ def launch_pump(
     drain: float = 1.0,
     pump_args: Sequence[str] = (),
     cpu: int | None = None,
+    extra_fds: Sequence[int] = (),
 ) -> subprocess.Popen[str]:
     """Start the load generator on the given devices' fds; its stdout is a pipe.
 
     Each quad is (trigger, irq, eoi, unmask) as the relay sees them (see
-    ``FdQuad``); the pump writes trigger and eoi and reads irq and unmask. It
+    ``FdQuad``), optionally with a fifth, the virqfd bound on the kernel's path
+    (-1: none); the pump writes trigger and eoi and reads irq and unmask. It
     prints one JSON line when done (``parse_output``) and exits 1 if any
-    interrupt was lost. ``pump_args`` are passed on (e.g. ``--spin-us``);
-    ``cpu`` pins the pump (pin the relay alike, see ``placement_cpus``).
+    interrupt was lost. ``pump_args`` are passed on (e.g. ``--spin-us``, or
+    ``--routes FD`` with that fd in ``extra_fds``); ``cpu`` pins the pump (pin
+    the relay alike, see ``placement_cpus``).
     """
     _check_mode(mode, rate)
     args = ["--mode", mode, "--duration", str(duration), "--drain", str(drain)]
     if rate is not None:
         args += ["--rate", str(rate)]
-    return _spawn("pump", [*args, *pump_args], fd_quads, cpu=cpu)
+    return _spawn("pump", [*args, *pump_args], fd_quads, cpu=cpu, extra_fds=extra_fds)
 
 
 def parse_output(name: str, proc: subprocess.Popen[str], out: str) -> dict[str, Any]:
@@ -191,6 +194,40 @@ def process_cpu_us(pid: int) -> float:
         fields = f.read().rpartition(")")[2].split()
     utime, stime = int(fields[11]), int(fields[12])
     return (utime + stime) * 1e6 / os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu_ns(pid: int) -> int:
+    """CPU process ``pid``'s live threads have run, in nanoseconds (schedstat: exact,
+    where ``process_cpu_us`` counts clock ticks; for the small figures of the kernel's
+    datapath). A thread that has exited is not counted: eoid's threads live as long."""
+    return sum(thread_cpu_ns(pid).values())
+
+
+def thread_cpu_ns(pid: int) -> dict[str, int]:
+    """``process_cpu_ns`` by thread (``tid:name``)."""
+    out: dict[str, int] = {}
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            with open(f"/proc/{pid}/task/{task}/comm") as f:
+                name = f.read().strip()
+            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                out[f"{task}:{name}"] = int(f.read().split()[0])
+    return out
+
+
+def voluntary_switches(pid: int) -> dict[str, int]:
+    """Each live thread's voluntary context switches (its wake-ups after sleeping), by
+    thread id and name: /proc/PID/task/*/status (/proc/PID/status is the main thread's)."""
+    out: dict[str, int] = {}
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            with open(f"/proc/{pid}/task/{task}/comm") as f:
+                name = f.read().strip()
+            with open(f"/proc/{pid}/task/{task}/status") as f:
+                for line in f:
+                    if line.startswith("voluntary_ctxt_switches:"):
+                        out[f"{task}:{name}"] = int(line.split()[1])
+    return out
 
 
 def _machine_busy_s() -> float:

@@ -14,12 +14,15 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from eoid import __version__
 from eoid.config import Config, LogFormat, load_config, load_daemon_config, parse_duration
 from eoid.errors import ConfigError, EoidError, ProtocolError
 from eoid.stats import human_seconds
+
+if TYPE_CHECKING:
+    from eoid.control import ControlClient
 
 EX_OK, EX_FAIL, EX_USAGE, EX_UNAVAILABLE, EX_NOPERM, EX_CONFIG = 0, 1, 2, 69, 77, 78
 UNHEALTHY = ("down", "faulted", "abandoned")
@@ -76,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "is down, faulted, abandoned or stuck (a monitoring check), 69 if "
                        "no daemon answers, 77 if not permitted.")
     _socket_args(p)
-    p.add_argument("--json", action="store_true", help="print the raw JSON reply")
+    p.add_argument("--json", action="store_true",
+                   help="print the daemon's JSON reply (every page's devices in one list)")
 
     p = sub.add_parser("reload", help="make the running daemon reload its configuration",
                        description="Ask the running daemon to reload its configuration and "
@@ -265,18 +269,27 @@ class NotPermitted(EoidError):
     """The control socket (or the config) exists but this user may not use it (exit 77)."""
 
 
-def _ask(args: argparse.Namespace, op: str, **fields: Any) -> dict[str, Any]:
+def _connect(args: argparse.Namespace) -> ControlClient:
     from eoid.control import ControlClient
 
     path = _control_path(args)
     try:
-        client = ControlClient(path)
+        return ControlClient(path)
     except EoidError as e:
         if isinstance(e.__cause__, PermissionError):
             raise NotPermitted(f"{e} (is this user in the daemon's group?)") from e
         raise DaemonUnavailable(f"{e} (is the daemon running?)") from e
-    with client:
+
+
+def _ask(args: argparse.Namespace, op: str, **fields: Any) -> dict[str, Any]:
+    with _connect(args) as client:
         return client.request(op, **fields)[0]
+
+
+def _status(args: argparse.Namespace, device: str | None = None) -> dict[str, Any]:
+    """The daemon's status, every page of it (or one device's)."""
+    with _connect(args) as client:
+        return client.status(device)
 
 
 def unhealthy(reply: dict[str, Any]) -> list[str]:
@@ -286,7 +299,7 @@ def unhealthy(reply: dict[str, Any]) -> list[str]:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    reply = _ask(args, "status")
+    reply = _status(args)
     if args.json:
         print(json.dumps(reply, indent=2))
     else:
@@ -302,8 +315,9 @@ def _render_reload(last: dict[str, Any] | None) -> str:
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last["at"]))
     if last["successful"]:
         return f"last reload: ok ({when})"
+    more = f"; and {last['problems_omitted']} more" if last.get("problems_omitted") else ""
     return f"last reload: REJECTED ({when}), the previous configuration runs: " \
-        + "; ".join(last["problems"])
+        + "; ".join(last["problems"]) + more
 
 
 def render_status(reply: dict[str, Any]) -> str:
@@ -318,7 +332,8 @@ def render_status(reply: dict[str, Any]) -> str:
         state = f"down: {d['down_reason']}" if d["state"] == "down" else d["state"]
         state += " (stuck)" if d["stuck"] else ""
         state += " (storm)" if d["storm"] else ""
-        consumer = f"pid {d['consumer']['pid']}" if d["consumer"] else "-"
+        consumer = (f"pid {d['consumer']['pid']}" if d.get("consumer") else
+                    "attached" if d.get("attached") else "-")  # who: operators only
         rows.append((d["name"], state, consumer, str(c["interrupts"]), str(c["eois"]),
                      str(c["spurious_eois"]), str(c["eoi_timeouts"]), str(c["storm_throttles"]),
                      human_seconds(d["service_p99_seconds"]),
@@ -342,6 +357,9 @@ def cmd_reload(args: argparse.Namespace) -> int:
               "running:", file=sys.stderr)
         for problem in reply["problems"]:
             print(problem, file=sys.stderr)
+        if reply.get("problems_omitted"):
+            print(f"... and {reply['problems_omitted']} more (all of them are in the daemon's "
+                  "log; `eoid check-config` lists them too)", file=sys.stderr)
         return EX_CONFIG
     print("reloaded: " + ", ".join(f"{k} {', '.join(reply[k]) or '-'}"
                                    for k in ("added", "removed", "changed")))
@@ -358,8 +376,7 @@ def cmd_reset(args: argparse.Namespace) -> int:
     deadline = time.monotonic() + RESET_WAIT
     while reply.get("opening") and time.monotonic() < deadline:
         time.sleep(0.05)  # the daemon has no "tell me when opened": ask again
-        reply = {**reply, **next(d for d in _ask(args, "status")["devices"]
-                                 if d["name"] == args.device)}
+        reply = {**reply, **_status(args, args.device)["devices"][0]}
     how = "reset and reopened" if reply["reset"] else "reopened (its backend has no reset)"
     if not reply["up"]:
         print(f"eoid reset: {args.device}: {how}, but it is {reply['state']}: "
@@ -371,7 +388,9 @@ def cmd_reset(args: argparse.Namespace) -> int:
 
 def _render_path(reply: dict[str, Any]) -> str:
     where = f"{reply['device']}: on the {reply['datapath']} path"
-    if reply["datapath"] != reply["wanted"]:
+    if reply.get("moving_to"):  # the backend has not applied the switch yet (sim)
+        where += f", moving to the {reply['moving_to']} path"
+    if (reply.get("moving_to") or reply["datapath"]) != reply["wanted"]:
         why = ("observing" if reply["observing"] else
                "no consumer attached" if not reply["attached"] else
                "the device is not up and healthy")

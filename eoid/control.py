@@ -18,8 +18,10 @@ peer's credentials, a bounded number per uid.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import errno
+import json
 import math
 import os
 import secrets
@@ -53,6 +55,10 @@ MAX_DEVICE_CHARS = 64  # longer than any device name the configuration accepts
 ACCEPT_BATCH = 64  # connections accepted per wake-up, so accepting never starves requests
 ACCEPT_BACKOFF_INITIAL = 0.05  # seconds the listener pauses after an accept failure...
 ACCEPT_BACKOFF_MAX = 2.0  # ...doubling up to this while failures go on
+STATUS_PAGE = 64  # devices in one status reply at most: bounded work and size per request
+STATUS_REPLY_BYTES = 65536  # a status reply never exceeds this (well under a socket's buffer)
+STATUS_PROBLEM_BYTES = 12288  # of which a rejected reload's problems take at most this
+RELOAD_PROBLEM_BYTES = 32768  # and of a reload's reply
 AUDIT_BURST = 10  # refusals logged per uid in each window; the rest are counted
 AUDIT_WINDOW = 60.0  # seconds
 _RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
@@ -97,7 +103,11 @@ class ControlHandler(Protocol):
 
     def detach(self, peer: Peer, device: str) -> None: ...
 
-    def status(self) -> dict[str, Any]: ...
+    def daemon_status(self) -> dict[str, Any]: ...
+
+    def device_names(self) -> list[str]: ...
+
+    def device_status(self, device: str) -> dict[str, Any]: ...
 
     def reload(self) -> dict[str, Any]: ...
 
@@ -147,6 +157,50 @@ def _observe_ns(value: Any) -> int:
 
 def _short(text: str, limit: int = MAX_ERROR_CHARS) -> str:
     return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _operator(peer: Peer) -> bool:
+    """Root or the daemon's own user: may reload, reset, move datapaths, and see who
+    holds a device."""
+    return peer.uid in (0, os.getuid())
+
+
+def _device_entry(status: dict[str, Any], operator: bool) -> dict[str, Any]:
+    """A device in a status reply: ``attached`` for everyone, the consumer's pid and uid
+    for operators only (another user's VMM is none of a peer's business), and a
+    ``down_reason`` cut short, so that one entry is always far below a page's bound."""
+    entry = dict(status)
+    entry["attached"] = entry.get("consumer") is not None
+    if not operator:
+        entry.pop("consumer", None)
+    if isinstance(entry.get("down_reason"), str):
+        entry["down_reason"] = _short(entry["down_reason"])
+    return entry
+
+
+def _bounded_problems(result: dict[str, Any], budget: int) -> dict[str, Any]:
+    """A rejected reload's ``problems`` within ``budget`` bytes: the first ones, each cut
+    short, and ``problems_omitted`` counting the rest (the daemon's log has them all), so
+    that a reply about a thousand broken files still fits one message."""
+    problems = result.get("problems")
+    if not isinstance(problems, list) or not problems:
+        return result
+    kept: list[str] = []
+    for problem in problems:
+        text = _short(str(problem))
+        budget -= len(json.dumps(text)) + 1
+        if budget < 0:
+            break
+        kept.append(text)
+    return {**result, "problems": kept, "problems_omitted": len(problems) - len(kept)}
+
+
+def _bounded_daemon(daemon: dict[str, Any]) -> dict[str, Any]:
+    """The daemon's part of a status reply, its last reload's problems bounded."""
+    last = daemon.get("last_reload")
+    if not isinstance(last, dict):
+        return daemon
+    return {**daemon, "last_reload": _bounded_problems(last, STATUS_PROBLEM_BYTES)}
 
 
 class Audit:
@@ -464,12 +518,12 @@ class ControlServer:
             return {"device": device}, []
         if op == "status":
             self._authorize(peer, self.config.status)
-            return self.handler.status(), []
+            return self._status_page(peer, message), []
         if op in ("reload", "reset", "datapath", "observe"):
-            if peer.uid not in (0, os.getuid()):
+            if not _operator(peer):
                 raise ProtocolError("forbidden", f"only root or the daemon's user may {op}")
             if op == "reload":
-                return self.handler.reload(), []
+                return _bounded_problems(self.handler.reload(), RELOAD_PROBLEM_BYTES), []
             if not isinstance(device, str):
                 raise ProtocolError("bad_request", f"{op} needs a 'device' string")
             if op == "reset":
@@ -479,6 +533,42 @@ class ControlServer:
             return self.handler.observe(device, _observe_ns(message.get("seconds"))), []
         raise ProtocolError("unknown_op", f"unknown op {_short(repr(op), 64)} (expected hello, "
                             "attach, detach, status, reload, reset, datapath, observe)")
+
+    def _status_page(self, peer: Peer, message: dict[str, Any]) -> dict[str, Any]:
+        """One page of ``status``: the devices named after ``after``, in name order, at most
+        ``limit`` (and ``STATUS_PAGE``) of them and as many as fit ``STATUS_REPLY_BYTES``;
+        ``next`` is the ``after`` of the next page, null at the end. Names, not offsets,
+        so a reload between pages neither repeats nor skips a device that stays."""
+        device, after, limit = (message.get(k) for k in ("device", "after", "limit"))
+        if device is not None and not isinstance(device, str):
+            raise ProtocolError("bad_request", "'device' must be a string")
+        if after is not None and not isinstance(after, str):
+            raise ProtocolError("bad_request", "'after' must be a device name")
+        if limit is None:
+            limit = STATUS_PAGE
+        elif isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ProtocolError("bad_request", "'limit' must be a positive integer")
+        names = sorted(self.handler.device_names())
+        if device is not None:
+            if len(device) > MAX_DEVICE_CHARS:
+                raise ProtocolError("unknown_device", "no device with so long a name")
+            page = [device]
+        else:
+            start = 0 if after is None else bisect.bisect_right(names, after)
+            page = names[start:start + min(limit, STATUS_PAGE)]
+        body: dict[str, Any] = {"daemon": _bounded_daemon(self.handler.daemon_status()),
+                                "total": len(names), "devices": [], "next": None}
+        size = len(encode(body)) + 2 * MAX_DEVICE_CHARS + 8 * MAX_ID_CHARS  # next, id
+        operator = _operator(peer)
+        for name in page:
+            entry = _device_entry(self.handler.device_status(name), operator)
+            size += len(encode(entry)) + 1
+            if body["devices"] and size > STATUS_REPLY_BYTES:
+                break
+            body["devices"].append(entry)
+        if device is None and body["devices"] and body["devices"][-1]["name"] != names[-1]:
+            body["next"] = body["devices"][-1]["name"]
+        return body
 
     @staticmethod
     def _authorize(peer: Peer, access: Access | None) -> None:
@@ -640,6 +730,20 @@ class ControlClient:
                 err = reply.get("error") or {}
                 raise ProtocolError(str(err.get("code", "failed")), str(err.get("message", "")))
             return reply, fds
+
+    def status(self, device: str | None = None) -> dict[str, Any]:
+        """Every page of ``status`` (or one device's), merged into one reply."""
+        if device is not None:
+            return self.request("status", device=device)[0]
+        reply, _ = self.request("status")
+        devices = reply["devices"]
+        while reply["next"] is not None:
+            after = reply["next"]
+            reply, _ = self.request("status", after=after)
+            if reply["next"] is not None and reply["next"] <= after:
+                raise EoidError(f"{self.path}: status pages do not advance")
+            devices += reply["devices"]
+        return {**reply, "devices": devices}
 
     def fileno(self) -> int:
         return self.sock.fileno()

@@ -3,7 +3,8 @@
 Lifecycle: ``startup`` (bind the control socket, start the exporter, open and arm every
 device) → serve until SIGTERM/SIGINT, reloading on SIGHUP → ``shutdown`` (triggers
 disabled, consumers told, socket removed). A device that fails to open or goes away is
-reported and retried with a backoff; it never takes the daemon or another device down.
+reported and retried with a backoff (``eoid.opener``); it never takes the daemon or
+another device down.
 
 Under systemd, everything a successor needs is parked in the fd store (``eoid.fdstore``)
 and a stop is a *handover*: devices stay enabled and consumers stay connected, so a
@@ -26,15 +27,16 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from eoid import __version__, log
-from eoid.config import Config, DaemonConfig, Datapath, DeviceConfig, load_config
-from eoid.consumer import Consumer
+from eoid.config import Config, Datapath, DeviceConfig, load_config
 from eoid.control import ControlServer, Peer
 from eoid.device import IntxDevice
 from eoid.errors import ConfigError, EoidError, UnknownDevice
 from eoid.fdstore import EVENTFD_ROLES, Adopted, FdStore, device_fd_name
+from eoid.handover import RestartRecord
 from eoid.metrics import DaemonMetrics, DeviceView, Exporter, build_registry
+from eoid.opener import Opener, open_backend
 from eoid.runner import DeviceRunner, new_lane
-from eoid.sim.backend import SimConnections, SimDevice
+from eoid.sim.backend import SimConnections
 from eoid.stats import DeviceStats
 from eoid.systemd import Notifier, watchdog_interval
 from eoid.vfio.procirq import IrqCounter
@@ -42,30 +44,8 @@ from eoid.vfio.procirq import IrqCounter
 if TYPE_CHECKING:
     from eoid._fastpath import Lane
 
-REOPEN_INITIAL = 1.0
-REOPEN_MAX = 30.0
 EXTEND_EVERY = 5.0  # seconds of start-up between EXTEND_TIMEOUT_USEC messages
 GIL_SWITCH_INTERVAL = 0.0005  # seconds; see run_daemon
-
-
-def open_backend(device: DeviceConfig, daemon: DaemonConfig, sims: SimConnections,
-                 adopt: dict[str, int] | None = None, *,
-                 irqs: IrqCounter | None = None) -> IntxDevice:
-    """Open a device's backend as its YAML file says, or rebuild it from the fds a
-    previous eoid parked in the fd store (``adopt``). ``irqs``: the daemon's one reader
-    of host IRQ counts, shared by its VFIO devices."""
-    backend = device.backend
-    if backend.type == "sim":
-        return SimDevice(device.name, backend.line or device.name,
-                         backend.socket or daemon.sim.socket, device.pci_address,
-                         connections=sims, adopt=adopt)
-    from eoid.vfio.device import VfioDevice, open_vfio_device
-
-    if adopt is not None:
-        return VfioDevice.adopt(device.name, device.pci_address, adopt,
-                                request_irqs=backend.register_request_irqs, irqs=irqs)
-    return open_vfio_device(device.name, device.pci_address,
-                            request_irqs=backend.register_request_irqs, irqs=irqs)
 
 
 def _needs_reopen(old: DeviceConfig, new: DeviceConfig) -> bool:
@@ -89,12 +69,8 @@ class Daemon:
         self.exporter: Exporter | None = None
         self.control: ControlServer | None = None
         self.started = time.monotonic()
-        self._reopen: dict[str, asyncio.TimerHandle] = {}  # down devices' next open attempt
-        # devices whose backend has yet to confirm the open (a sim process's answer)
-        self._opening: dict[str, tuple[asyncio.Future[None], IntxDevice]] = {}
-        self._backoff: dict[str, float] = {}
-        self._peer_names: dict[Consumer, str] = {}  # consumers whose connection is stored
-        self._next_peer = 1
+        self._opener: Opener | None = None  # made with the loop (startup)
+        self.record = RestartRecord(self.store, self.adopted.state)
         self._stop: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._watchdog: asyncio.TimerHandle | None = None
@@ -126,6 +102,12 @@ class Daemon:
         return self._sims
 
     @property
+    def opener(self) -> Opener:
+        """Opens devices, and opens again those that went down (with a backoff)."""
+        assert self._opener is not None, "the daemon is not running"
+        return self._opener
+
+    @property
     def lane(self) -> Lane | None:
         """The thread that runs every device's common round trip (eoid/_fastpath.c), or
         None in pure-Python mode (``eoid.runner.fastpath_enabled``)."""
@@ -151,12 +133,11 @@ class Daemon:
             self._loop.add_reader(self._lane.notify_fd, self._lane.dispatch)
         self.metrics.loop = self._loop
         self._sims = SimConnections(self._loop, self.store, self.adopted.sims)
+        self._opener = Opener(self._loop, self._open_backend, self._started)
         self.control = ControlServer(self.config.daemon.control, self, self._loop)
         listener = self.control.listen(self.adopted.control)
         self.store.put("control", listener.fileno())
-        for name, sock in sorted(self.adopted.peers.items()):
-            self._peer_names[self.control.adopt_peer(sock)] = name
-            self._next_peer = max(self._next_peer, int(name.split(".")[1]) + 1)
+        self.record.adopt_peers(self.adopted.peers, self.control.adopt_peer)
         self.adopted.peers.clear()
         address = self.config.daemon.metrics.address()
         if address is not None:
@@ -173,9 +154,9 @@ class Daemon:
             if time.monotonic() - begun > EXTEND_EVERY:  # many slow devices: keep systemd patient
                 self.notify(self.notifier.extend_timeout, 2 * EXTEND_EVERY)
                 begun = time.monotonic()
-        if self._opening:  # the answers of sim processes, the loop serving meanwhile
-            await asyncio.wait([opening for opening, _ in self._opening.values()],
-                               timeout=EXTEND_EVERY)
+        answers = self.opener.answers()
+        if answers:  # the answers of sim processes, the loop serving meanwhile
+            await asyncio.wait(answers, timeout=EXTEND_EVERY)
         arm_seconds = time.monotonic() - arming
         for name in self.adopted.close_rest():
             self.store.remove(name)
@@ -225,11 +206,8 @@ class Daemon:
                 loop.remove_signal_handler(sig)
         if self._watchdog is not None:
             self._watchdog.cancel()
-        for handle in self._reopen.values():
-            handle.cancel()
-        self._reopen.clear()
-        for name in list(self._opening):
-            self._cancel_opening(name)
+        if self._opener is not None:
+            self._opener.close()
         if handover:
             self._save_state(with_stats=True)
             for runner in self.runners.values():
@@ -269,94 +247,32 @@ class Daemon:
                           .get("stats", {}))
             runner = DeviceRunner(device, self.loop, self._device_down, eventfds, stats,
                                   lane=self.lane)
-            self._adopt_consumer(runner)
+            holder = self.record.holder(device.name)
+            if holder is not None:
+                runner.consumer = holder
+                holder.attached.add(device.name)
         self.runners[device.name] = runner
         if fds:
             try:
-                runner.start(open_backend(device, self.config.daemon, self.sims, fds,
-                                          irqs=self.irqs),
-                            adopted=True)
+                runner.start(self._open_backend(device, fds), adopted=True)
                 return
             except EoidError as e:  # the parked device is unusable: open it afresh
                 self._log.warning("cannot adopt device; reopening", device=device.name,
                                   error=str(e))
-        self._open(runner)
+        self.opener.open(runner)
 
-    def _adopt_consumer(self, runner: DeviceRunner) -> None:
-        wanted = self.adopted.state.get("devices", {}).get(runner.name, {}).get("peer")
-        for peer, name in self._peer_names.items():
-            if name == wanted:
-                runner.consumer = peer
-                peer.attached.add(runner.name)
+    def _open_backend(self, device: DeviceConfig, adopt: dict[str, int] | None = None
+                      ) -> IntxDevice:
+        return open_backend(device, self.config.daemon, self.sims, adopt, irqs=self.irqs)
 
-    def _open(self, runner: DeviceRunner, retry: bool = False) -> None:
-        """Open the device's backend and start the runner on it. A backend that waits for
-        another process (sim) starts when that answer arrives (``_opened``): the loop
-        serves everyone else meanwhile."""
-        pending = self._reopen.pop(runner.name, None)
-        if pending is not None:
-            pending.cancel()
-        if runner.name in self._opening:
-            return  # an attempt is on its way
-        try:
-            device = open_backend(runner.config, self.config.daemon, self.sims,
-                                  irqs=self.irqs)
-        except EoidError as e:
-            self._not_available(runner, str(e))
-            return
-        opening = device.opening()
-        if opening is None:
-            self._start(runner, device, retry)
-            return
-        self._opening[runner.name] = (opening, device)
-        opening.add_done_callback(lambda _: self._opened(runner, device, opening, retry))
-
-    def _opened(self, runner: DeviceRunner, device: IntxDevice, opening: asyncio.Future[None],
-                retry: bool) -> None:
-        current = self._opening.get(runner.name)
-        if current is None or current[0] is not opening or opening.cancelled():
-            device.close()  # removed, replaced or shut down meanwhile
-            return
-        del self._opening[runner.name]
-        error = opening.exception()
-        if error is not None:
-            device.close()
-            self._not_available(runner, str(error))
-            return
-        self._start(runner, device, retry)
-
-    def _start(self, runner: DeviceRunner, device: IntxDevice, retry: bool) -> None:
-        try:
-            runner.start(device)
-        except EoidError as e:  # the runner has closed the device
-            self._not_available(runner, str(e))
-            return
-        self._backoff.pop(runner.name, None)
+    def _started(self, runner: DeviceRunner, device: IntxDevice) -> None:
         for role, fd in device.held_fds().items():
             self.store.put(device_fd_name(runner.name, role), fd)
-        if retry:
-            self._log.info("device recovered", device=runner.name)
-
-    def _not_available(self, runner: DeviceRunner, reason: str) -> None:
-        runner.down_reason = reason
-        self._log.warning("device not available", device=runner.name, error=reason)
-        self._schedule_reopen(runner)
-
-    def _cancel_opening(self, name: str) -> None:
-        opening = self._opening.pop(name, None)
-        if opening is not None:
-            opening[0].cancel()
-            opening[1].close()  # now: the line may be opened again at once (a reload)
 
     def _device_down(self, runner: DeviceRunner, reason: str, held: list[str]) -> None:
         for role in held:
             self.store.remove(device_fd_name(runner.name, role))
-        self._schedule_reopen(runner)
-
-    def _schedule_reopen(self, runner: DeviceRunner) -> None:
-        delay = min(self._backoff.get(runner.name, REOPEN_INITIAL / 2) * 2, REOPEN_MAX)
-        self._backoff[runner.name] = delay
-        self._reopen[runner.name] = self.loop.call_later(delay, self._retry, runner.name)
+        self.opener.down(runner)
 
     def _reopen_device(self, runner: DeviceRunner, reason: str) -> None:
         """Close an open device and open it afresh (its eventfds and consumer stay)."""
@@ -365,7 +281,7 @@ class Daemon:
             runner.stop(reason)
             for role in held:
                 self.store.remove(device_fd_name(runner.name, role))
-        self._open(runner)
+        self.opener.open(runner)
 
     def reset(self, name: str) -> dict[str, Any]:
         """``eoid reset``: reset the device where its backend can, then reopen it. Clears a
@@ -382,7 +298,7 @@ class Daemon:
                                   error=str(e))
         self._reopen_device(runner, "reset by the operator")
         self._log.info("device reset", device=name, reset=reset)
-        return {"device": name, "reset": reset, "opening": name in self._opening,
+        return {"device": name, "reset": reset, "opening": self.opener.opening(name),
                 "up": runner.relaying, "state": runner.state.name.lower(),
                 "down_reason": runner.down_reason}
 
@@ -400,18 +316,8 @@ class Daemon:
         runner.observe(duration_ns)
         return runner.path_status()
 
-    def _retry(self, name: str) -> None:
-        self._reopen.pop(name, None)
-        runner = self.runners.get(name)
-        if runner is not None and not runner.up:
-            self._open(runner, retry=True)
-
     def _remove(self, name: str) -> None:
-        pending = self._reopen.pop(name, None)
-        if pending is not None:
-            pending.cancel()
-        self._cancel_opening(name)
-        self._backoff.pop(name, None)
+        self.opener.forget(name)
         runner = self.runners.pop(name)
         self.metrics.retire(runner.stats)
         held = list(runner.device.held_fds()) if runner.device is not None else []
@@ -483,7 +389,7 @@ class Daemon:
             if runner.faulted:
                 self._reopen_device(runner, "reopened by a reload after a device error")
             elif not runner.up:
-                self._open(runner)
+                self.opener.open(runner)
         return {"added": added, "removed": removed, "changed": changed}
 
     # --- control socket ------------------------------------------------------------------
@@ -491,10 +397,7 @@ class Daemon:
     def attach(self, peer: Peer, device: str) -> tuple[dict[str, Any], list[int]]:
         runner = self._runner(device)
         fds = runner.attach(peer)
-        if peer not in self._peer_names:  # keep the connection across a restart
-            self._peer_names[peer] = name = f"peer.{self._next_peer}"
-            self._next_peer += 1
-            self.store.put(name, peer.sock.fileno())
+        self.record.keep(peer, peer.sock.fileno())  # the connection outlives a restart
         self._save_state()
         names = ["irq", "eoi"]
         backend = runner.config.backend
@@ -514,31 +417,22 @@ class Daemon:
             runner = self.runners.get(name)
             if runner is not None and runner.consumer is peer:
                 runner.detach(peer)
-        stored = self._peer_names.pop(peer, None)
-        if stored is not None:
-            self.store.remove(stored)
+        if self.record.drop(peer):
             self._save_state()
 
     def _save_state(self, with_stats: bool = False) -> None:
-        """The restart record: who holds which device (and, at a handover, the counters)."""
-        devices: dict[str, Any] = {}
-        for name, runner in self.runners.items():
-            entry: dict[str, Any] = {"peer": self._peer_names.get(runner.consumer)
-                                     if runner.consumer else None}
-            if with_stats:
-                entry["stats"] = runner.stats.to_dict()
-            devices[name] = entry
-        try:
-            self.store.save_state({"pid": os.getpid(), "devices": devices})
-        except EoidError as e:
-            self._log.warning("restart record not saved", error=str(e))
+        self.record.save(self.runners, with_stats)
 
-    def status(self) -> dict[str, Any]:
-        return {"daemon": {"pid": os.getpid(), "version": __version__,
-                           "uptime_seconds": round(time.monotonic() - self.started, 3),
-                           "config": str(self.config.path), "last_reload": self.last_reload},
-                "devices": [{**r.status(), "opening": r.name in self._opening}
-                            for r in self.runners.values()]}
+    def daemon_status(self) -> dict[str, Any]:
+        return {"pid": os.getpid(), "version": __version__,
+                "uptime_seconds": round(time.monotonic() - self.started, 3),
+                "config": str(self.config.path), "last_reload": self.last_reload}
+
+    def device_names(self) -> list[str]:
+        return list(self.runners)
+
+    def device_status(self, device: str) -> dict[str, Any]:
+        return {**self._runner(device).status(), "opening": self.opener.opening(device)}
 
     def _runner(self, name: str) -> DeviceRunner:
         runner = self.runners.get(name)

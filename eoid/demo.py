@@ -238,7 +238,7 @@ class Demo:
     def status(self) -> dict[str, Any]:
         try:
             with ControlClient(self.control, timeout=15) as client:
-                return client.request("status")[0]
+                return client.status()
         except TimeoutError as e:
             raise EoidError("the daemon did not answer `status` within 15 s") from e
 

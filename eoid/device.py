@@ -16,7 +16,7 @@ import select
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 
 def drain_eventfd(fd: int) -> int:
@@ -77,20 +77,29 @@ class IntxDevice(Protocol):
     def enable(self, trigger_fd: int) -> None:
         """Register ``trigger_fd`` as the INTx trigger; the line starts unmasked."""
 
-    def route(self, trigger_fd: int, unmask_fd: int | None) -> None:
+    def route(self, trigger_fd: int, unmask_fd: int | None) -> asyncio.Future[Any] | None:
         """Re-route a live (enabled or adopted) line for a datapath switch: its trigger
         becomes ``trigger_fd`` and ``unmask_fd`` is bound as its unmask eventfd, which the
         backend (the kernel's virqfd, or the sim playing it) reads and unmasks on; None
         unbinds it. The line's masked state is kept and nothing is unmasked. The order
         keeps every fire delivered and every EOI unmasking: with an ``unmask_fd`` it is
         bound first and the trigger swapped second; without one, the trigger is swapped
-        first and the unmask eventfd unbound second (docs/intx-eoi.md §14)."""
+        first and the unmask eventfd unbound second (docs/intx-eoi.md §14).
+
+        Returns None once the route is in place (vfio: kernel calls), else a future that
+        completes when it is (sim: the sim process's reply; a failure is also reported as
+        a ``GONE`` event). Until then the old route may still fire and unmask: the caller
+        reads the eventfds only after."""
 
     def kernel_interrupts(self) -> int | None:
         """How many interrupts took the kernel's path (routed to a consumer's eventfds)
         since the device was opened, as its host counts them (vfio: the deltas of the
         line's row in /proc/interrupts while routed; sim: its fires meanwhile); None where
         unknown. eoid sees none of those itself. May lag (sim: as last answered)."""
+
+    def reset(self) -> bool:
+        """Reset the device, where the backend can (``VFIO_DEVICE_RESET``): True once
+        done, False where it has none (``eoid reset`` then only reopens it)."""
 
     def unmask(self) -> None:
         """Re-enable the line after an EOI (the hot path: one syscall)."""

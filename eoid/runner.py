@@ -150,6 +150,8 @@ class DeviceRunner:
         # the device's ``kernel_interrupts`` as last added to the stats (None: not yet
         # known, e.g. adopted: its first answer is the baseline)
         self._kernel_seen: int | None = 0
+        # a route the backend has not applied yet (sim): the eventfds are read after it is
+        self._routing: asyncio.Future[Any] | None = None
         self.observations = 0  # observation windows opened (``eoid observe``, sampling)
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0
@@ -242,36 +244,46 @@ class DeviceRunner:
             self._fast.set_unmask(*(device.unmask_op() or (-1,)))
         self.down_reason = None
         self.faulted = False
-        self._watch()
+        if not adopted:  # (adopted: once the line is back on eoid's trigger)
+            self._watch()
         for fd in device.event_fds():
             self.loop.add_reader(fd, self._on_device_event, fd)
         device.watch(self.loop, self._on_device_event)  # events not on an fd of its own (sim)
         self.channel.attached = self.consumer is not None
-        now = monotonic_ns()
         if adopted:
             # The previous eoid may have left the line on the kernel's path: back to the
             # relay first (a no-op if it was there). While no eoid ran, the line may have
             # fired and the consumer may have sent an EOI: the channel decides from both
             # counts what is owed (docs/intx-eoi.md §9).
             try:
-                device.route(self.trigger_fd, None)
+                routed = device.route(self.trigger_fd, None)
             except DeviceError as e:
                 self.channel.stats.errors["route"] += 1
                 self.stop(f"re-routing the adopted line failed: {e}")
                 raise
-            triggers, eois = drain_eventfd(self.trigger_fd), drain_eventfd(self.eoi_fd)
-            self._act(self.channel.adopt(triggers, eois, now), now)
-        else:
-            try:
-                device.enable(self.trigger_fd)
-            except DeviceError as e:
-                self.channel.stats.errors["enable"] += 1
-                self.stop(f"enable failed: {e}")
-                raise
-            self.channel.enable(now)
-            self._act(self.channel.attach(now) if self.consumer else 0, now)
+            self._log.info("device armed", backend=device.info.backend,
+                           pci_address=device.info.pci_address, adopted=True)
+            self._when_routed(device, routed, self._adopt)
+            return
+        try:
+            device.enable(self.trigger_fd)
+        except DeviceError as e:
+            self.channel.stats.errors["enable"] += 1
+            self.stop(f"enable failed: {e}")
+            raise
+        now = monotonic_ns()
+        self.channel.enable(now)
+        self._act(self.channel.attach(now) if self.consumer else 0, now)
         self._log.info("device armed", backend=device.info.backend,
-                       pci_address=device.info.pci_address, adopted=adopted)
+                       pci_address=device.info.pci_address, adopted=False)
+        self._reroute()
+
+    def _adopt(self) -> None:
+        """The adopted line is on eoid's trigger: take it over from what the eventfds hold."""
+        self._watch()
+        now = monotonic_ns()
+        triggers, eois = drain_eventfd(self.trigger_fd), drain_eventfd(self.eoi_fd)
+        self._act(self.channel.adopt(triggers, eois, now), now)
         self._reroute()
 
     @_owning
@@ -284,6 +296,7 @@ class DeviceRunner:
         if self.device is not None:
             self._count_kernel(self.device)
         self.datapath = Datapath.RELAY  # a device opened again starts on the relay
+        self._routing = None  # (a route still in flight is for a device gone)
         device, self.device = self.device, None
         self.down_reason = reason
         self._cancel_timer()
@@ -579,7 +592,10 @@ class DeviceRunner:
         return Datapath.RELAY
 
     def _reroute(self) -> None:
-        """Put the line on the path it belongs on (``_path``), if it is not there."""
+        """Put the line on the path it belongs on (``_path``), if it is not there. Not
+        while a switch is in flight: its end calls this again."""
+        if self._routing is not None:
+            return
         path = self._path()
         if path is not self.datapath:
             self._to_kernel() if path is Datapath.KERNEL else self._to_relay()
@@ -594,7 +610,7 @@ class DeviceRunner:
         assert device is not None
         self._settle()  # what came before the switch is the channel's to act on
         try:
-            device.route(self.irq_fd, self.eoi_fd)
+            routed = device.route(self.irq_fd, self.eoi_fd)
         except (DeviceError, OSError) as e:
             self._route_failed(device, e)
             return
@@ -607,27 +623,61 @@ class DeviceRunner:
         self._act(actions, now)
         if actions & STORM_END:
             self._log_storm(actions)
-        self._count_kernel(device)
-        self._log.debug("on the kernel's path")
+        if self._kernel_seen is None:  # (else known: the count stands still on the relay)
+            self._count_kernel(device)
+        _DEVICE_LOG.debug("on the kernel's path", device=self.name)  # (no bind: windows)
+        # Until the backend has bound the unmask, a fire still comes to eoid's trigger
+        # (read: the channel forwards it) and an EOI waits in the eventfd for the binding:
+        # only a next switch must wait.
+        self._when_routed(device, routed, lambda: None)
 
     def _to_relay(self) -> None:
         """Kernel → relay: the trigger back to eoid's eventfd, then the unmask unbound;
-        the channel takes the line over from what the two eventfds hold (``from_kernel``)."""
+        once the backend has done both, the channel takes the line over from what the two
+        eventfds hold (``from_kernel``). Read before, a fire or an EOI could still come
+        and go on the old route after: a line left masked, with an EOI eoid calls spurious."""
         device = self.device
         assert device is not None
         try:
-            device.route(self.trigger_fd, None)
+            routed = device.route(self.trigger_fd, None)
         except (DeviceError, OSError) as e:
             self._route_failed(device, e)
             return
+        self._unwatch()  # the eventfds hold what the old route did not take: read once
+        self._when_routed(device, routed, self._take_from_kernel)
+
+    def _take_from_kernel(self) -> None:
+        device = self.device
+        assert device is not None
         self._count_kernel(device)
-        self._unwatch()
         self.datapath = Datapath.RELAY
         self._watch()
         now = monotonic_ns()
         triggers, eois = drain_eventfd(self.trigger_fd), drain_eventfd(self.eoi_fd)
         self._act(self.channel.from_kernel(triggers, eois, now), now)
-        self._log.debug("on the relay")
+        _DEVICE_LOG.debug("on the relay", device=self.name)
+
+    def _when_routed(self, device: IntxDevice, routed: asyncio.Future[Any] | None,
+                     then: Callable[[], None]) -> None:
+        """Run ``then`` once ``device.route`` is in place (now, or on the sim's reply),
+        then re-route if the wanted path changed meanwhile. A route that failed is the
+        backend's ``GONE`` event: the device goes down, ``then`` never runs."""
+        if routed is None:
+            then()
+            return
+        self._routing = routed
+
+        @_owning
+        def applied(runner: DeviceRunner) -> None:
+            runner._routing = None
+            if not routed.cancelled() and routed.exception() is None:
+                then()
+                runner._reroute()
+
+        def done(_: asyncio.Future[Any]) -> None:
+            if self._routing is routed and self.device is device:
+                applied(self)
+        routed.add_done_callback(done)
 
     def _count_kernel(self, device: IntxDevice) -> None:
         """Add what the device counted on the kernel's path since last asked."""
@@ -728,9 +778,9 @@ class DeviceRunner:
             raise NotAttached(f"not attached to {self.name}")
         if self.datapath is Datapath.KERNEL:  # no consumer, no kernel path: see ``_path``
             self._to_relay()
-        if self.device is not None:
+        if self.device is not None and self._routing is None:
             # the line first (the channel may unmask); an EOI written just before
-            # leaving still ends the interrupt
+            # leaving still ends the interrupt (with a switch in flight: once it is made)
             self._settle()
         self.consumer = None
         peer.attached.discard(self.name)
@@ -768,16 +818,14 @@ class DeviceRunner:
     def reset_device(self) -> bool:
         """Reset the device where its backend can (``VFIO_DEVICE_RESET``); False where it
         cannot. The caller then reopens it (``Daemon.reset``)."""
-        device = self.device
-        reset = getattr(device, "reset", None)
-        if reset is None or not getattr(device, "supports_reset", False):
-            return False
-        reset()
-        return True
+        return self.device is not None and self.device.reset()
 
     def path_status(self) -> dict[str, Any]:
         """Where the line is and why (``eoid datapath``/``observe`` replies, ``status``)."""
+        path = self._path()
+        moving = self._routing is not None and path is not self.datapath
         return {"device": self.name, "datapath": self.datapath.value,
+                "moving_to": path.value if moving else None,
                 "wanted": self.wanted_datapath.value, "observing": self.observing,
                 "attached": self.consumer is not None, "up": self.relaying,
                 "observations": self.observations}

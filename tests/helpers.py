@@ -102,7 +102,7 @@ class Env:
 
     def status(self) -> dict[str, Any]:
         with ControlClient(self.control) as client:
-            return client.request("status")[0]
+            return client.status()
 
     def device(self, name: str) -> dict[str, Any]:
         return next(d for d in self.status()["devices"] if d["name"] == name)

@@ -290,6 +290,7 @@ class SimDevice:
         self._opening: asyncio.Future[dict[str, Any]] | None = None
         self._kernel_fires: int | None = None  # ``kernel_interrupts``, as the sim last said
         self._asking = False
+        self._fresh = False  # ``_kernel_fires`` came with a route's reply, not yet read
         if adopt is not None:  # re-adopted after a restart: the sim never noticed we left
             self.unmask_fd = adopt.pop("unmask", -1)
             close_all(adopt.values())  # not ours (an older eoid's per-device socket)
@@ -343,7 +344,8 @@ class SimDevice:
         return done
 
     def _send(self, op: str, fds: tuple[int, ...] = (),
-              on_reply: Callable[[dict[str, Any]], None] | None = None) -> None:
+              on_reply: Callable[[dict[str, Any]], None] | None = None
+              ) -> asyncio.Future[dict[str, Any]]:
         """A request the device needs to succeed: if it does not, the device is GONE (and
         reopened by the daemon), as a VFIO device whose ioctl fails is taken down."""
         def done(future: asyncio.Future[dict[str, Any]]) -> None:
@@ -357,7 +359,9 @@ class SimDevice:
                 _LOG.warning("sim request failed; the device goes down", device=self.name,
                              op=op, error=str(future.exception()))
                 self.post(DeviceEvent.GONE)
-        self.conn.request(self.name, op, fds, line=self.line).add_done_callback(done)
+        request = self.conn.request(self.name, op, fds, line=self.line)
+        request.add_done_callback(done)
+        return request
 
     def watch(self, loop: asyncio.AbstractEventLoop, on_event: Callable[[int], None]) -> None:
         """Deliver this device's events by calling ``on_event(fd)`` from ``loop``; it is to
@@ -380,17 +384,24 @@ class SimDevice:
     def enable(self, trigger_fd: int) -> None:
         self._send("enable", fds=(trigger_fd, self.unmask_fd))
 
-    def route(self, trigger_fd: int, unmask_fd: int | None) -> None:
+    def route(self, trigger_fd: int, unmask_fd: int | None) -> asyncio.Future[dict[str, Any]]:
         """The sim plays the kernel's path: it binds ``unmask_fd`` and swaps the trigger in
-        one step of its loop (so the order within is moot), and answers with its count."""
+        one step of its loop (so the order within is moot), and answers with its count
+        once it has: the returned future."""
         fds = (trigger_fd,) if unmask_fd is None else (trigger_fd, unmask_fd)
-        self._send("route", fds, on_reply=self._note_fires)
+
+        def routed(reply: dict[str, Any]) -> None:
+            self._note_fires(reply)
+            self._fresh = unmask_fd is None  # back on the relay: the count stands still
+        return self._send("route", fds, on_reply=routed)
 
     def kernel_interrupts(self) -> int | None:
         """The sim's count of the line's fires while routed to the kernel's path, as last
         answered; asks again (from any thread: the metrics thread calls this too) unless a
         question is in flight. Exact once the sim has answered after the last fire."""
-        if not self._asking:
+        if self._fresh:  # answered with a route: exact until the line is on the kernel's
+            self._fresh = False  # path again (a switch asks once, not twice)
+        elif not self._asking:
             self._asking = True
             self.conn.loop.call_soon_threadsafe(self._ask_kernel_fires)
         return self._kernel_fires
@@ -410,6 +421,9 @@ class SimDevice:
         fires = reply.get("kernel_fires")
         if isinstance(fires, int) and (self._kernel_fires is None or fires > self._kernel_fires):
             self._kernel_fires = fires
+
+    def reset(self) -> bool:
+        return False  # a simulated line has no function-level reset: reopening is all
 
     def unmask(self) -> None:
         os.eventfd_write(self.unmask_fd, 1)

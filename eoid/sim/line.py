@@ -8,7 +8,8 @@ The model follows drivers/vfio/pci/vfio_pci_intrs.c for a DisINTx-capable device
 - enabling a trigger while the device asserts fires at once;
 - ``route`` plays the kernel's path (docs/intx-eoi.md §12, §14): a trigger swapped on a live
   line keeps its masked state, and an eventfd bound as the unmask (the virqfd) is read by
-  the sim, which unmasks on it; a count already there when bound unmasks at once.
+  the sim, which unmasks on it; a count already there when bound unmasks at once, and one
+  there when unbound unmasked before (the kernel acts on the write).
 The device side is a status register of pending events: ``raise_`` adds events and
 asserts the line (as QEMU's ``edu`` does), ``ack`` (the guest driver servicing the device)
 clears them. ``queue`` models a device with one interrupt per event (a command
@@ -111,6 +112,11 @@ class SimLine:
             self._swap(trigger_fd)
             self.on_virqfd()
         else:
+            # The kernel's virqfd acts when the EOI is written (the eventfd's wake-up runs
+            # it), so an EOI written while bound has unmasked before the unbind, whatever
+            # the order it is read in here: act on it now, on the route it came on.
+            if self.virqfd >= 0:
+                self.on_virqfd()
             self._swap(trigger_fd)
             self._unbind()
 

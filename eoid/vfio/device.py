@@ -458,15 +458,16 @@ class VfioDevice:
         """
         return self._call("dup device fd", lambda: self._api.dup(self._fd))
 
-    def reset(self) -> None:
+    def reset(self) -> bool:
         """``VFIO_DEVICE_RESET``, then an unmask: the line starts over armed
-        (docs/intx-eoi.md §10)."""
+        (docs/intx-eoi.md §10). False where the device has none (VFIO_DEVICE_FLAGS_RESET
+        unset)."""
         if not self.supports_reset:
-            raise VfioError(self.name, "reset",
-                            f"{self.pci_address} has no reset (VFIO_DEVICE_FLAGS_RESET unset)")
+            return False
         self._call("reset", lambda: self._api.device_reset(self._fd))
         if self._intx_enabled:
             self.unmask()
+        return True
 
     def region(self, index: int) -> RegionInfo:
         region = self._regions.get(index)

@@ -61,7 +61,11 @@ json_scalars = st.one_of(
 json_values = st.recursive(json_scalars, lambda inner: st.one_of(
     st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)),
     max_leaves=12)
-ops = st.one_of(st.sampled_from(["hello", "attach", "detach", "status", "reload"]), json_values)
+ops = st.one_of(st.sampled_from(["hello", "attach", "detach", "status", "reload", "reset",
+                                 "datapath", "observe"]), json_values)
+fields = st.one_of(st.sampled_from(["after", "limit", "datapath", "seconds", "device"]),
+                   st.text(max_size=8))
+"""Keys of extra fields: the ones some operation reads (status pages, datapath, observe)."""
 devices = st.one_of(st.sampled_from(["dev0", "dev1", "nope", "dev0 ", "DEV0", ""]),
                     st.text(min_size=60, max_size=80), json_values)
 
@@ -74,7 +78,7 @@ def requests(draw: st.DrawFn) -> bytes:
         message["id"] = draw(json_values)
     if draw(st.integers(0, 3)):
         message["device"] = draw(devices)
-    message.update(draw(st.dictionaries(st.text(max_size=8), json_values, max_size=2)))
+    message.update(draw(st.dictionaries(fields, st.one_of(devices, json_values), max_size=2)))
     text = json.dumps(message)  # NaN and Infinity as Python writes them
     special = draw(st.integers(0, 19))
     if special == 0:  # an integer too long to convert
@@ -101,7 +105,8 @@ TOKENS = (b"NaN", b"-Infinity", b"1e999", b"9" * 4301, b"[" * 1000, b"\x00", b"\
 TEMPLATES = [json.dumps(m).encode() for m in (
     {"op": "hello", "id": 1}, {"op": "attach", "device": "dev0", "id": 2},
     {"op": "attach", "device": "dev1", "id": 3}, {"op": "detach", "device": "dev0", "id": 4},
-    {"op": "status", "id": 5}, {"op": "reload", "id": 6})] * 5
+    {"op": "status", "id": 5}, {"op": "reload", "id": 6},
+    {"op": "status", "after": "dev0", "limit": 1, "id": 7}, {"op": "status", "device": "dev1"})] * 5
 """Valid requests (several times: the mutator picks them, and their fields, often)."""
 
 

@@ -378,8 +378,14 @@ class _NoHandler:
     def detach(self, peer: Any, device: str) -> None:
         raise AssertionError
 
-    def status(self) -> dict[str, Any]:
+    def daemon_status(self) -> dict[str, Any]:
         return {}
+
+    def device_names(self) -> list[str]:
+        return []
+
+    def device_status(self, device: str) -> dict[str, Any]:
+        raise AssertionError
 
     def reload(self) -> dict[str, Any]:
         return {}

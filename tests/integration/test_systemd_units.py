@@ -92,7 +92,8 @@ def test_the_properties_eoid_relies_on() -> None:
     # Readiness and reload protocol that eoid.systemd implements (252: no notify-reload).
     assert one["Service.Type"] == "notify"
     assert one["Service.NotifyAccess"] == "main"
-    assert s["Service.ExecReload"][-1] == "/bin/kill -HUP $MAINPID"
+    # `eoid reload` waits for the daemon's verdict and exits 78 when it rejects the config
+    assert s["Service.ExecReload"] == [f"{INSTALLED_EOID} reload --config ${{EOID_CONFIG}}"]
     assert one["Service.ExecStart"] == f"{INSTALLED_EOID} run --config ${{EOID_CONFIG}}"
     assert "EOID_CONFIG=/etc/eoid/eoid.yaml" in s["Service.Environment"]
     assert "Service.ExecStartPre" not in s  # a bad config must fail as exit 78 of ExecStart

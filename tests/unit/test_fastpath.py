@@ -309,6 +309,9 @@ class FakeLine:
     def kernel_interrupts(self) -> None:
         return None
 
+    def reset(self) -> bool:
+        return False
+
     def unmask(self) -> None:
         os.eventfd_write(self.unmask_fd, 1)
 

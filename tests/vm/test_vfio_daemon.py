@@ -13,11 +13,12 @@ import os
 import struct
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, Protocol
 
 import pytest
 
-from eoid.control import wait_for_socket
+from eoid.control import ControlClient, wait_for_socket
 from eoid.vfio import uapi
 from tests.helpers import Consumer, Env, environment, wait_until
 from tests.vm.edu import EDU_IRQ_ACK, EDU_IRQ_RAISE, bind_vfio, driver_of, unbind_in_background
@@ -211,3 +212,59 @@ def test_unbind_while_the_daemon_holds_the_device(daemon: Env, edus: list[str]) 
     # the daemon retries a down device by itself and gets it back
     wait_until(lambda: bool(daemon.device("edu1")["up"]), 20, "edu1 up again")
     assert daemon.device("edu0")["up"]
+
+
+HELD_POLICY = "policy: {eoi_timeout: 60s, held_timeout: 1s}\n"
+
+
+@pytest.mark.timeout(300)  # three eoid commands (Python start-ups) under TCG
+def test_reset_recovers_an_edu_holding_an_interrupt_for_nobody(
+        daemon: Env, edus: list[str]) -> None:
+    """`eoid reset` on the real driver: a VMM dies with an edu interrupt in flight and the
+    edu keeps asserting; held for nobody past held_timeout, the device is `abandoned`
+    (status exits 1). A reset (VFIO_DEVICE_RESET where vfio-pci offers one, as the
+    kernel's sysfs `reset` says) and reopen re-arms it: the line fires again at once and
+    the next consumer services it; then it relays as ever.
+
+    The edu is conventional PCI, so vfio-pci gives it no ERR irq (`err_irq: no`): the
+    device-error fault cannot happen on it, only in the sim (tests/integration/test_faults.py).
+    """
+    address = edus[0]
+    config = daemon.root / "devices.d" / "edu0.yaml"
+    original = config.read_text()
+    config.write_text(original.replace(POLICY, HELD_POLICY))
+    try:
+        result = daemon.command("reload")
+        assert result.returncode == 0, result.stderr
+        consumer = Consumer(daemon.control, "edu0")
+        EduLine(consumer.extra[0]).raise_()
+        assert consumer.wait_irq(WAIT) == 1
+        consumer.close()  # the VMM dies before its EOI; the edu still asserts
+        wait_until(lambda: daemon.device("edu0")["state"] == "abandoned", 20, "abandoned")
+        status = daemon.command("status")
+        assert status.returncode == 1 and "abandoned" in status.stdout, status.stdout
+        with ControlClient(daemon.control) as client:
+            reply = client.request("reset", device="edu0")[0]
+        # vfio-pci sets VFIO_DEVICE_FLAGS_RESET when the PCI core has a reset method,
+        # which is also when sysfs shows `reset`: the edu on the root bus has none
+        assert reply["reset"] == Path(f"/sys/bus/pci/devices/{address}/reset").exists(), reply
+        wait_until(lambda: bool(daemon.device("edu0")["up"]), 20, "edu0 reopened")
+        with Consumer(daemon.control, "edu0") as vm:
+            edu = EduLine(vm.extra[0])
+            if not reply["reset"]:  # nothing cleared the edu's status: it fires once armed
+                assert vm.wait_irq(WAIT) == 1
+                edu.ack()
+                vm.send_eoi()
+            assert vm.wait_irq(QUIET) == 0
+            edu.raise_()
+            assert vm.wait_irq(WAIT) == 1
+            edu.ack()
+            vm.send_eoi()
+            assert vm.wait_irq(QUIET) == 0
+            wait_until(lambda: daemon.device("edu0")["state"] == "armed", WAIT, "armed")
+        status = daemon.command("status")
+        assert status.returncode == 0, status.stdout
+        print(f"edu {address}: reset={reply['reset']}, {daemon.device('edu0')['state']}")
+    finally:
+        config.write_text(original)
+        daemon.command("reload")

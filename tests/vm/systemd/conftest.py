@@ -10,6 +10,7 @@ driven with ``systemctl`` exactly as an administrator would.
 from __future__ import annotations
 
 import grp
+import json
 import shutil
 import subprocess
 import sys
@@ -63,6 +64,12 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.25)
+
+
+def seqnum(cursor: str) -> int:
+    """The sequence number in a journal cursor (``s=…;i=<hex>;b=…``): it orders entries."""
+    fields = dict(part.split("=", 1) for part in cursor.split(";"))
+    return int(fields["i"], 16)
 
 
 def run(*args: str, check: bool = True, timeout: float = 90) -> subprocess.CompletedProcess[str]:
@@ -134,11 +141,22 @@ class Service:
         out = run("journalctl", "-n", "0", "--show-cursor", "-q").stdout
         return out.strip().removeprefix("-- cursor: ")
 
-    def journal(self, after: str) -> str:
-        """This unit's log lines, its own and PID 1's about it, since ``after``."""
-        return run(
-            "journalctl", "-u", self.unit, f"--after-cursor={after}", "-o", "cat", "--no-pager"
-        ).stdout
+    def entries(self, after: str, *select: str) -> list[dict[str, Any]]:
+        """This unit's journal entries (its own and PID 1's about it) after the cursor
+        ``after``, as ``journalctl -u UNIT *select`` (e.g. ``-p warning``) selects them.
+
+        Not ``--after-cursor``: with a filter, journalctl before systemd 255 drops the
+        first matching entry when the cursor's own entry does not match the filter
+        (systemd#30288, fixed by #30336), which hid a storm's only warning from
+        ``-p warning``. Entries are compared by the cursor's sequence number instead."""
+        start = seqnum(after)
+        out = run("journalctl", "-u", self.unit, *select, "-o", "json", "--no-pager").stdout
+        records = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+        return [r for r in records if seqnum(r["__CURSOR"]) > start]
+
+    def journal(self, after: str, *select: str) -> str:
+        """The messages of ``entries``, one a line."""
+        return "".join(f"{r.get('MESSAGE')}\n" for r in self.entries(after, *select))
 
     def wait_active(self, timeout: float = 60) -> None:
         wait_until(

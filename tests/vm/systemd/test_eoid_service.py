@@ -109,6 +109,10 @@ def test_the_daemon_runs_with_no_capabilities_in_its_sandbox(running: Guest) -> 
     assert running.metric("eoid_device_up", device="sim0") == 1
 
 
+def last_reload_successful(guest: Guest) -> float | None:
+    return guest.metric("eoid_config_last_reload_successful")
+
+
 def test_reload_applies_a_good_configuration_in_place(running: Guest) -> None:
     pid = running.eoid.main_pid
     cursor = running.eoid.cursor()
@@ -121,8 +125,10 @@ def test_reload_applies_a_good_configuration_in_place(running: Guest) -> None:
         "policy: {eoi_timeout: 750ms, on_eoi_timeout: redeliver}\n"
     )
     running.eoid.systemctl("reload")
-    # On 252 `systemctl reload` may return before the daemon's READY=1: poll.
-    wait_until(lambda: reloads(running, "success") == ok + 1, 30, "a successful reload")
+    # ExecReload= is `eoid reload`, which waits for the daemon's answer: when
+    # `systemctl reload` returns, the configuration is applied (no polling).
+    assert reloads(running, "success") == ok + 1
+    assert last_reload_successful(running) == 1
     running.eoid.wait_active()
     assert running.eoid.main_pid == pid
     assert STATUS_UP.match(running.eoid.prop("StatusText"))
@@ -134,29 +140,48 @@ def test_reload_applies_a_good_configuration_in_place(running: Guest) -> None:
     assert "Reloading" in log
     assert "Reloaded" in log
     assert "configuration reloaded" in log
-    assert "sim1" in log  # changed in place (a policy change, not a reopen)
+    assert "reloaded: added -, removed -, changed sim1" in log  # `eoid reload`'s answer
     assert all(running.metric("eoid_device_up", device=d) == 1 for d in DEVICES)
 
 
-def test_systemctl_reload_refuses_a_bad_configuration(running: Guest) -> None:
+def test_systemctl_reload_fails_visibly_on_a_configuration_the_daemon_rejects(
+    running: Guest,
+) -> None:
+    """`systemctl reload` fails (status 78), the daemon keeps the old configuration and
+    says so (eoid_config_last_reload_successful 0, `eoid status`) until a fixed one is
+    reloaded (1 again)."""
     pid = running.eoid.main_pid
     cursor = running.eoid.cursor()
+    ok = reloads(running, "success")
     failed = reloads(running, "failure")
     (CONFIG_DIR / "devices.d" / "sim1.yaml").write_text(BAD_DEVICE_YAML)
     result = running.eoid.systemctl("reload", check=False)
-    assert result.returncode != 0  # ExecReload= ran `eoid check-config` first: exit 78
+    assert result.returncode != 0, result
+    # the daemon itself was asked and refused: counted, and the gauge drops to 0
+    assert reloads(running, "failure") == failed + 1
+    assert last_reload_successful(running) == 0
     running.eoid.wait_active()
     assert running.eoid.main_pid == pid
     log = running.eoid.journal(cursor)
-    assert re.search(r"sim1\.yaml:\d+", log), log  # check-config names file and line
-    assert "status=78" in log
-    # The daemon was never asked: nothing counted, nothing changed.
-    assert reloads(running, "failure") == failed
+    assert "status=78" in log, log
+    assert "rejected the configuration" in log  # `eoid reload` on stderr
+    assert re.search(r"sim1\.yaml:\d+", log), log  # the daemon's problem, file and line
+    assert "reload rejected" in log  # and the daemon's own line
+    status = run(str(EOID), "status", "--socket", str(CONTROL), check=False)
+    assert "last reload: REJECTED" in status.stdout, status.stdout
+    # the old configuration keeps running: sim1 still times out after 500ms, not "soon"
+    assert all(running.metric("eoid_device_up", device=d) == 1 for d in DEVICES)
+    running.round_trip("sim1")
+    # fixed: the next reload succeeds and the gauge is back to 1
+    running.write_config()
+    running.eoid.systemctl("reload")
+    assert reloads(running, "success") == ok + 1
+    assert last_reload_successful(running) == 1
     assert STATUS_UP.match(running.eoid.prop("StatusText"))
 
 
 def test_sighup_with_a_bad_configuration_keeps_the_old_one(running: Guest) -> None:
-    """`eoid reload` or a bare SIGHUP skip check-config: the daemon itself must refuse."""
+    """A bare SIGHUP (nobody waits for an answer): the daemon refuses it all the same."""
     pid = running.eoid.main_pid
     cursor = running.eoid.cursor()
     ok = reloads(running, "success")
@@ -186,9 +211,7 @@ STORMY_SIM1 = (
 )
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "not yet proven under the real unit: in its first run the storm's warning was in the "
-    "journal but `journalctl -p warning` did not select it (issue 11 stays open for this)"))
+@pytest.mark.timeout(300)  # two reloads, each an `eoid reload` (Python start-up) under TCG
 def test_journal_priorities_select_a_storm_warning_and_not_the_info_lines(
     running: Guest,
 ) -> None:
@@ -202,10 +225,7 @@ def test_journal_priorities_select_a_storm_warning_and_not_the_info_lines(
     running.wait_consumers()
 
     def warnings() -> str:
-        return run(
-            "journalctl", "-u", "eoid", "-p", "warning", f"--after-cursor={cursor}",
-            "-o", "cat", "--no-pager",
-        ).stdout
+        return running.eoid.journal(cursor, "-p", "warning")
 
     try:
         # the sim's guest EOIs at once and the line stays asserted: a storm
@@ -224,9 +244,7 @@ def test_journal_priorities_select_a_storm_warning_and_not_the_info_lines(
     assert any(e["message"] == "interrupt storm: deferring unmasks"
                and e["device"] == "sim1" for e in shown)
     # the info lines are in the journal, at priority 6, as JSON without the prefix
-    records = [json.loads(line) for line in run(
-        "journalctl", "-u", "eoid", f"--after-cursor={cursor}", "-o", "json", "--no-pager",
-    ).stdout.splitlines()]
+    records = running.eoid.entries(cursor)
     ours = {r["MESSAGE"]: r["PRIORITY"] for r in records
             if str(r.get("MESSAGE", "")).startswith("{")}
     reloaded = [m for m in ours if json.loads(m)["message"] == "configuration reloaded"]
