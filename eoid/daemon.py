@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from eoid import __version__, log
+from eoid.channel import State
 from eoid.config import Config, Datapath, DeviceConfig, load_config
 from eoid.control import ControlServer, Peer
 from eoid.device import IntxDevice
@@ -388,6 +389,9 @@ class Daemon:
                 continue
             if runner.faulted:
                 self._reopen_device(runner, "reopened by a reload after a device error")
+            elif runner.state is State.ABANDONED:  # as `eoid reset` does without a reset
+                self._reopen_device(runner, "reopened by a reload: an interrupt was held "
+                                            "for no consumer too long")
             elif not runner.up:
                 self.opener.open(runner)
         return {"added": added, "removed": removed, "changed": changed}

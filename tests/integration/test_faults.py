@@ -111,6 +111,22 @@ def test_reset_drops_an_abandoned_interrupt(env: Env) -> None:
         assert vm.wait_irq(QUIET) == 0
 
 
+def test_a_reload_recovers_an_abandoned_device(env: Env) -> None:
+    """As a fault: the device is reopened, so the interrupt held for nobody is dropped (a
+    line still asserted fires again once armed, and is held again for the next consumer)."""
+    env.sim("raise", line="dev1")
+    wait_until(lambda: env.device("dev1")["state"] == "abandoned", what="abandoned")
+    env.procs[-1].send_signal(signal.SIGHUP)
+    wait_until(lambda: env.device("dev1")["state"] == "held", what="reopened by reload")
+    assert env.device("dev0")["state"] == "armed"  # the others are not touched
+    env.sim("ack", line="dev1")
+    with Consumer(env.control, "dev1") as vm:
+        assert vm.wait_irq() == 1  # the one the device still asserted, delivered
+        vm.send_eoi()
+        wait_until(lambda: env.device("dev1")["state"] == "armed", what="armed")
+    assert env.command("status").returncode == 0
+
+
 def test_reset_of_an_unknown_device_is_refused(env: Env) -> None:
     with ControlClient(env.control) as client, pytest.raises(ProtocolError) as err:
         client.request("reset", device="nope")
