@@ -78,6 +78,30 @@ def physical_command(address: str) -> int:
         return int.from_bytes(f.read(2), "little")
 
 
+class EduLine:
+    """The edu behind a daemon's device, driven through the device fd the daemon shared
+    with its consumer (``share_device_fd``)."""
+
+    def __init__(self, device_fd: int) -> None:
+        api = uapi.KernelVfio()
+        self.fd = device_fd
+        self.bar0 = api.device_get_region_info(device_fd, uapi.RegionIndex.BAR0).offset
+        config = api.device_get_region_info(device_fd, uapi.RegionIndex.CONFIG).offset
+        command = int.from_bytes(os.pread(device_fd, 2, config + uapi.PCI_COMMAND), "little")
+        os.pwrite(device_fd, ((command | uapi.PCI_COMMAND_MEMORY)
+                              & ~uapi.PCI_COMMAND_INTX_DISABLE).to_bytes(2, "little"),
+                  config + uapi.PCI_COMMAND)
+
+    def raise_(self) -> None:
+        os.pwrite(self.fd, struct.pack("<I", 1), self.bar0 + EDU_IRQ_RAISE)
+
+    def ack(self) -> None:
+        os.pwrite(self.fd, struct.pack("<I", 1), self.bar0 + EDU_IRQ_ACK)
+
+    def status(self) -> int:
+        return int(struct.unpack("<I", os.pread(self.fd, 4, self.bar0 + EDU_IRQ_STATUS))[0])
+
+
 class Edu:
     """An opened edu: raise/ack its interrupt through BAR0 on the device fd."""
 

@@ -9,8 +9,6 @@ the control socket, reads ``irq`` and writes ``eoi`` exactly like a VMM.
 
 from __future__ import annotations
 
-import os
-import struct
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,9 +17,8 @@ from typing import Any, Protocol
 import pytest
 
 from eoid.control import ControlClient, wait_for_socket
-from eoid.vfio import uapi
 from tests.helpers import Consumer, Env, environment, wait_until
-from tests.vm.edu import EDU_IRQ_ACK, EDU_IRQ_RAISE, bind_vfio, driver_of, unbind_in_background
+from tests.vm.edu import EduLine, bind_vfio, driver_of, unbind_in_background
 
 pytestmark = pytest.mark.vfio
 
@@ -66,26 +63,6 @@ class Line(Protocol):
     def raise_(self) -> None: ...
 
     def ack(self) -> None: ...
-
-
-class EduLine:
-    """The edu behind the daemon, driven through the device fd the daemon shared."""
-
-    def __init__(self, device_fd: int) -> None:
-        api = uapi.KernelVfio()
-        self.fd = device_fd
-        self.bar0 = api.device_get_region_info(device_fd, uapi.RegionIndex.BAR0).offset
-        config = api.device_get_region_info(device_fd, uapi.RegionIndex.CONFIG).offset
-        command = int.from_bytes(os.pread(device_fd, 2, config + uapi.PCI_COMMAND), "little")
-        os.pwrite(device_fd, ((command | uapi.PCI_COMMAND_MEMORY)
-                              & ~uapi.PCI_COMMAND_INTX_DISABLE).to_bytes(2, "little"),
-                  config + uapi.PCI_COMMAND)
-
-    def raise_(self) -> None:
-        os.pwrite(self.fd, struct.pack("<I", 1), self.bar0 + EDU_IRQ_RAISE)
-
-    def ack(self) -> None:
-        os.pwrite(self.fd, struct.pack("<I", 1), self.bar0 + EDU_IRQ_ACK)
 
 
 class SimLine:

@@ -10,7 +10,6 @@ must be delivered exactly once whatever path the line is on when it fires.
 from __future__ import annotations
 
 import os
-import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -19,10 +18,10 @@ from dataclasses import dataclass, field
 import pytest
 
 from eoid.control import ControlClient, wait_for_socket
-from eoid.vfio import sysfs, uapi
+from eoid.vfio import sysfs
 from eoid.vfio.procirq import IrqCounter
 from tests.helpers import Consumer, Env, environment, wait_until
-from tests.vm.edu import EDU_IRQ_ACK, EDU_IRQ_RAISE, EDU_IRQ_STATUS
+from tests.vm.edu import EduLine
 
 pytestmark = pytest.mark.vfio
 
@@ -52,29 +51,6 @@ def daemon(edus: list[str], request: pytest.FixtureRequest) -> Iterator[Env]:
         finally:
             env.stop()
             assert proc.returncode == 0, env.log("daemon")
-
-
-class EduLine:
-    """The edu behind a device, through the device fd the daemon shared."""
-
-    def __init__(self, device_fd: int) -> None:
-        api = uapi.KernelVfio()
-        self.fd = device_fd
-        self.bar0 = api.device_get_region_info(device_fd, uapi.RegionIndex.BAR0).offset
-        config = api.device_get_region_info(device_fd, uapi.RegionIndex.CONFIG).offset
-        command = int.from_bytes(os.pread(device_fd, 2, config + uapi.PCI_COMMAND), "little")
-        os.pwrite(device_fd, ((command | uapi.PCI_COMMAND_MEMORY)
-                              & ~uapi.PCI_COMMAND_INTX_DISABLE).to_bytes(2, "little"),
-                  config + uapi.PCI_COMMAND)
-
-    def raise_(self) -> None:
-        os.pwrite(self.fd, struct.pack("<I", 1), self.bar0 + EDU_IRQ_RAISE)
-
-    def ack(self) -> None:
-        os.pwrite(self.fd, struct.pack("<I", 1), self.bar0 + EDU_IRQ_ACK)
-
-    def status(self) -> int:
-        return int(struct.unpack("<I", os.pread(self.fd, 4, self.bar0 + EDU_IRQ_STATUS))[0])
 
 
 def counter(env: Env, metric: str, device: str) -> float:

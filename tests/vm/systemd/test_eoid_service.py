@@ -16,7 +16,7 @@ import pytest
 
 from eoid.demo import sim_call
 from tests.helpers import Consumer
-from tests.vm.edu import bind_vfio, find_edus
+from tests.vm.edu import EduLine, bind_vfio, find_edus
 from tests.vm.systemd.conftest import (
     CONFIG_DIR,
     CONTROL,
@@ -31,7 +31,6 @@ from tests.vm.systemd.conftest import (
     wait_restarted,
     wait_until,
 )
-from tests.vm.test_vfio_daemon import EduLine
 
 pytestmark = pytest.mark.systemd
 
