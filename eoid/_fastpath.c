@@ -254,7 +254,8 @@ static int guarded_write(Guard *guard, int fd, uint64_t value)
     }
     int64_t start = now_ns();
     if (guard != NULL) {
-        guard->thread = pthread_self();
+        __atomic_store_n(&guard->thread, pthread_self(), __ATOMIC_RELAXED); /* read by the
+                                                    sentinel, which does not hold mu */
         __atomic_store_n(&guard->since, start, __ATOMIC_RELEASE);
     }
     ssize_t n = write(fd, &value, sizeof value);
@@ -292,7 +293,8 @@ static void *sentinel_main(void *arg)
         for (int i = 0; i < 2; i++) {
             int64_t since = __atomic_load_n(&lane->guards[i].since, __ATOMIC_ACQUIRE);
             if (since != 0 && now - since > RESCUE_AFTER_NS)
-                pthread_kill(lane->guards[i].thread, RESCUE_SIGNAL);
+                pthread_kill(__atomic_load_n(&lane->guards[i].thread, __ATOMIC_RELAXED),
+                             RESCUE_SIGNAL);
         }
     }
     pthread_mutex_unlock(&lane->sentinel_mu);

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -202,42 +202,61 @@ def _reconcile(env: Env, lines: dict[str, Any]) -> None:
         assert samples["eoid_eoi_timeouts_total"][key] == 0
 
 
+def _on_the_kernel_path_under_load(env: Env, rate: float) -> None:
+    _sim_with_guests(env, rate)
+    env.start_daemon()
+    wait_until(lambda: all(d["datapath"] == "kernel" for d in env.status()["devices"]),
+               20, "guests attached, devices on the kernel path")
+
+
+def _switching(env: Env, seconds: float, period: float,
+               switch: Callable[[ControlClient, int], None]) -> int:
+    """Call ``switch(client, round)`` every ``period`` for ``seconds`` from a thread of its
+    own (as an operator's commands come); the rounds made."""
+    stop = threading.Event()
+    rounds = [0]
+
+    def run() -> None:
+        with ControlClient(env.control) as client:
+            while not stop.is_set():
+                switch(client, rounds[0])
+                rounds[0] += 1
+                time.sleep(period)
+    switcher = threading.Thread(target=run)
+    switcher.start()
+    time.sleep(seconds)
+    stop.set()
+    switcher.join()
+    return rounds[0]
+
+
+def _settled_and_reconciled(env: Env) -> dict[str, Any]:
+    """Quiesce, wait for eoid's counts of the kernel's path, reconcile; the sim's lines."""
+    lines = _quiesced(env)
+    wait_until(lambda: all(counter(env, "eoid_kernel_interrupts_total", n)
+                           == lines[n]["kernel_fires"] for n in lines), 5,
+               "the host's counts caught up")
+    _reconcile(env, lines)
+    return lines
+
+
 def test_switching_back_and_forth_under_load_loses_nothing() -> None:
     """Four devices under load, each moved between the paths every few milliseconds
     (and observation windows opened across them) while guests service every event."""
     with environment(devices=4, device_yaml=KERNEL) as env:
-        _sim_with_guests(env, rate=1000)
-        env.start_daemon()
-        wait_until(lambda: all(d["datapath"] == "kernel" for d in env.status()["devices"]),
-                   20, "guests attached, devices on the kernel path")
-        stop = threading.Event()
-        switches = [0]
+        _on_the_kernel_path_under_load(env, rate=1000)
 
-        def flip() -> None:
-            paths = ("relay", "kernel")
-            with ControlClient(env.control) as client:
-                while not stop.is_set():
-                    for i in range(4):
-                        client.request("datapath", device=f"dev{i}",
-                                       datapath=paths[(switches[0] + i) % 2])
-                    if switches[0] % 10 == 0:
-                        client.request("observe", device="dev0", seconds=0.01)
-                    switches[0] += 1
-                    time.sleep(0.003)
-        flipper = threading.Thread(target=flip)
-        flipper.start()
-        time.sleep(3)
-        stop.set()
-        flipper.join()
-        assert switches[0] > 100
+        def flip(client: ControlClient, round_: int) -> None:
+            for i in range(4):
+                client.request("datapath", device=f"dev{i}",
+                               datapath=("relay", "kernel")[(round_ + i) % 2])
+            if round_ % 10 == 0:
+                client.request("observe", device="dev0", seconds=0.01)
+        assert _switching(env, 3, 0.003, flip) > 100
         with ControlClient(env.control) as client:
             for i in range(4):
                 client.request("datapath", device=f"dev{i}", datapath="configured")
-        lines = _quiesced(env)
-        wait_until(lambda: all(counter(env, "eoid_kernel_interrupts_total", n)
-                               == lines[n]["kernel_fires"] for n in lines), 5,
-                   "the host's counts caught up")
-        _reconcile(env, lines)
+        lines = _settled_and_reconciled(env)
         assert all(0 < v["kernel_fires"] < v["fires"] for v in lines.values())
 
 
@@ -251,11 +270,7 @@ def test_sampled_observation_relays_a_window_each_period() -> None:
         for d in status.values():
             assert d["observations"] >= 2, d
             assert d["datapath_wanted"] == "kernel"
-        lines = _quiesced(env)
-        wait_until(lambda: all(counter(env, "eoid_kernel_interrupts_total", n)
-                               == lines[n]["kernel_fires"] for n in lines), 5,
-                   "the host's counts caught up")
-        _reconcile(env, lines)
+        lines = _settled_and_reconciled(env)
         samples = env.scrape()
         for name in lines:
             key = (("device", name),)
@@ -271,32 +286,14 @@ def test_switching_under_saturating_load_strands_no_line() -> None:
     applied the route back to the relay let one go by on the old route: a line left
     masked, its EOI counted spurious (found by the benchmark's closed-loop observation)."""
     with environment(devices=8, device_yaml=KERNEL) as env:
-        _sim_with_guests(env, rate=2000)
-        env.start_daemon()
-        wait_until(lambda: all(d["datapath"] == "kernel" for d in env.status()["devices"]),
-                   20, "guests attached, devices on the kernel path")
-        stop = threading.Event()
-        rounds = [0]
+        _on_the_kernel_path_under_load(env, rate=2000)
 
-        def flip() -> None:
-            with ControlClient(env.control) as client:
-                while not stop.is_set():
-                    for i in range(8):
-                        client.request("observe", device=f"dev{i}", seconds=0.01)
-                    rounds[0] += 1
-                    time.sleep(0.02)
-        flipper = threading.Thread(target=flip)
-        flipper.start()
-        time.sleep(3)
-        stop.set()
-        flipper.join()
-        assert rounds[0] > 20
+        def observe_all(client: ControlClient, _: int) -> None:
+            for i in range(8):
+                client.request("observe", device=f"dev{i}", seconds=0.01)
+        assert _switching(env, 3, 0.02, observe_all) > 20
         time.sleep(0.1)  # the last windows end
-        lines = _quiesced(env)
-        wait_until(lambda: all(counter(env, "eoid_kernel_interrupts_total", n)
-                               == lines[n]["kernel_fires"] for n in lines), 5,
-                   "the host's counts caught up")
-        _reconcile(env, lines)
+        lines = _settled_and_reconciled(env)
         samples = env.scrape()
         for name in lines:
             assert samples["eoid_spurious_eois_total"][(("device", name),)] == 0, name
