@@ -257,13 +257,10 @@ def run(quick: bool, duration: float, progress: bool, *, datapath_only: bool = F
             "idle_cpu_percent": idle, "skipped": skipped}
 
 
-def median_of(reports: list[dict[str, Any]]) -> dict[str, Any]:
-    """Several runs of the same matrix merged: the median of every figure, lost summed."""
-    if len(reports) == 1:
-        return reports[0]
-    merged = dict(reports[0], repeat=len(reports))
+def _median_rows(reports: list[dict[str, Any]], table: str) -> list[dict[str, Any]]:
+    """One of the reports' tables, row by row: the median of every figure, lost summed."""
     rows = []
-    for same in zip(*(r["scenarios"] for r in reports), strict=True):
+    for same in zip(*(r[table] for r in reports), strict=True):
         row = dict(same[0])
         for key, value in row.items():
             if isinstance(value, int | float) and not isinstance(value, bool):
@@ -271,17 +268,16 @@ def median_of(reports: list[dict[str, Any]]) -> dict[str, Any]:
                 row[key] = statistics.median(values) if values else None
         row["lost"] = sum(r["lost"] for r in same)
         rows.append(row)
-    merged["scenarios"] = rows
-    paths = []
-    for same in zip(*(r["datapaths"] for r in reports), strict=True):
-        row = dict(same[0])
-        for key, value in row.items():
-            if isinstance(value, int | float) and not isinstance(value, bool):
-                values = [r[key] for r in same if r[key] is not None]
-                row[key] = statistics.median(values) if values else None
-        row["lost"] = sum(r["lost"] for r in same)
-        paths.append(row)
-    merged["datapaths"] = paths
+    return rows
+
+
+def median_of(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several runs of the same matrix merged: the median of every figure, lost summed."""
+    if len(reports) == 1:
+        return reports[0]
+    merged = dict(reports[0], repeat=len(reports))
+    merged["scenarios"] = _median_rows(reports, "scenarios")
+    merged["datapaths"] = _median_rows(reports, "datapaths")
     merged["arm_seconds"] = {n: statistics.median(r["arm_seconds"][n] for r in reports)
                              for n in reports[0]["arm_seconds"]}
     idle = [r["idle_cpu_percent"] for r in reports if r["idle_cpu_percent"] is not None]

@@ -39,8 +39,8 @@ import select
 import statistics
 import subprocess
 import sys
-from collections.abc import Iterable, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, NamedTuple, TextIO
 
 from bench._cbuild import build
 
@@ -203,31 +203,31 @@ def process_cpu_ns(pid: int) -> int:
     return sum(thread_cpu_ns(pid).values())
 
 
-def thread_cpu_ns(pid: int) -> dict[str, int]:
-    """``process_cpu_ns`` by thread (``tid:name``)."""
+def _per_thread(pid: int, file: str, read: Callable[[TextIO], int | None]) -> dict[str, int]:
+    """``read`` of /proc/PID/task/*/``file`` for each live thread, by ``tid:name``."""
     out: dict[str, int] = {}
     for task in os.listdir(f"/proc/{pid}/task"):
         with contextlib.suppress(FileNotFoundError, ProcessLookupError):
             with open(f"/proc/{pid}/task/{task}/comm") as f:
                 name = f.read().strip()
-            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
-                out[f"{task}:{name}"] = int(f.read().split()[0])
+            with open(f"/proc/{pid}/task/{task}/{file}") as f:
+                value = read(f)
+            if value is not None:
+                out[f"{task}:{name}"] = value
     return out
+
+
+def thread_cpu_ns(pid: int) -> dict[str, int]:
+    """``process_cpu_ns`` by thread (``tid:name``)."""
+    return _per_thread(pid, "schedstat", lambda f: int(f.read().split()[0]))
 
 
 def voluntary_switches(pid: int) -> dict[str, int]:
     """Each live thread's voluntary context switches (its wake-ups after sleeping), by
     thread id and name: /proc/PID/task/*/status (/proc/PID/status is the main thread's)."""
-    out: dict[str, int] = {}
-    for task in os.listdir(f"/proc/{pid}/task"):
-        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
-            with open(f"/proc/{pid}/task/{task}/comm") as f:
-                name = f.read().strip()
-            with open(f"/proc/{pid}/task/{task}/status") as f:
-                for line in f:
-                    if line.startswith("voluntary_ctxt_switches:"):
-                        out[f"{task}:{name}"] = int(line.split()[1])
-    return out
+    return _per_thread(pid, "status", lambda f: next(
+        (int(line.split()[1]) for line in f if line.startswith("voluntary_ctxt_switches:")),
+        None))
 
 
 def _machine_busy_s() -> float:
