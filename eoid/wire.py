@@ -27,6 +27,7 @@ MAX_FDS = 8
 and the kernel discards the fds that did not fit."""
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux; Python 3.11 lacks the name
 NGROUPS_MAX = 65536
+_MSG_CTRUNC, _MSG_TRUNC = int(socket.MSG_CTRUNC), int(socket.MSG_TRUNC)  # (IntFlag ops are slow)
 
 
 def _no_constant(name: str) -> NoReturn:
@@ -92,9 +93,9 @@ def recv_msg(sock: socket.socket, max_bytes: int = 65536,
                 got = array.array("i")
                 got.frombytes(payload[:len(payload) - len(payload) % got.itemsize])
                 fds.extend(got)
-        if flags & socket.MSG_CTRUNC:
+        if flags & _MSG_CTRUNC:
             raise ProtocolError("too_many_fds", f"a message may carry at most {MAX_FDS} fds")
-        if flags & socket.MSG_TRUNC or len(data) > max_bytes:
+        if flags & _MSG_TRUNC or len(data) > max_bytes:
             raise ProtocolError("too_large", f"message larger than {max_bytes} bytes")
         if not data and not fds:
             if _closed_by_peer(sock):
