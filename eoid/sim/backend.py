@@ -45,6 +45,7 @@ from eoid.wire import BATCH_MAX_FDS, recv_msg
 
 REQUEST_TIMEOUT = 0.5  # seconds a sim may stay silent on a request (eoi_timeout: 2 s default)
 READ_BATCH = 64  # messages read per wake-up, so one busy sim cannot hold the loop
+BATCH_MAX_REQUESTS = 64  # requests in one ``batch`` message (each well under 512 bytes)
 
 _LOG = structlog.get_logger("eoid.sim")
 
@@ -184,12 +185,14 @@ class SimConnection:
     def _send_batch(self) -> None:
         """Send the requests made since the last call: one alone as it is, several (the
         observation windows of many devices open on one tick) as ``batch`` messages of up
-        to ``BATCH_MAX_FDS`` fds, which the sim answers with one ``replies`` message each:
-        a message and a wake-up of either side for many switches, not one per switch."""
+        to ``BATCH_MAX_FDS`` fds and ``BATCH_MAX_REQUESTS`` requests (well within a
+        message's 64 KiB), which the sim answers with one ``replies`` message each: a
+        message and a wake-up of either side for many switches, not one per switch."""
         batch, self._batch = self._batch, []
         while batch:
             size, fds = 0, 0
-            while size < len(batch) and fds + len(batch[size][1]) <= BATCH_MAX_FDS:
+            while size < min(len(batch), BATCH_MAX_REQUESTS) \
+                    and fds + len(batch[size][1]) <= BATCH_MAX_FDS:
                 fds += len(batch[size][1])
                 size += 1
             chunk, batch = batch[:max(size, 1)], batch[max(size, 1):]

@@ -15,13 +15,14 @@ import socket
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
+from typing import Any
 
 import pytest
 
 from eoid.device import DeviceEvent
 from eoid.errors import DeviceError
 from eoid.fdstore import sim_fd_name
-from eoid.sim.backend import REQUEST_TIMEOUT, SimConnections, SimDevice
+from eoid.sim.backend import BATCH_MAX_REQUESTS, REQUEST_TIMEOUT, SimConnections, SimDevice
 from eoid.testing import FakeSystemd
 from eoid.wire import peer_credentials, recv_msg, send_msg
 from tests.helpers import Consumer, Env, environment, wait_until
@@ -274,6 +275,21 @@ def test_requests_of_one_turn_travel_as_one_batch_and_are_answered_in_one(
         for fds in consumer.values():
             for fd in fds:
                 os.close(fd)
+
+
+def test_a_long_turn_is_sent_in_batches_of_bounded_size(backend: Backend) -> None:
+    """1024 devices opening or closing in one turn: messages of at most 64 requests."""
+    device = backend.open("dev0")
+    sent: list[int] = []
+    send = device.conn._outbox.send
+
+    def counting(message: dict[str, Any], fds: list[int] | tuple[int, ...] = ()) -> None:
+        sent.append(len(message.get("requests", [message])))
+        send(message, fds)
+    device.conn._outbox.send = counting  # type: ignore[method-assign]
+    pings = [device.conn.request("dev0", "ping") for _ in range(200)]
+    backend.loop.run_until_complete(asyncio.gather(*pings))
+    assert sent == [BATCH_MAX_REQUESTS] * 3 + [200 - 3 * BATCH_MAX_REQUESTS]
 
 
 def test_a_batch_that_miscounts_its_fds_is_refused_and_they_are_closed(sim_env: Env) -> None:
