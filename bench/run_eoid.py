@@ -140,18 +140,14 @@ class SimStandIn:
             self._drop(sock)
             return
         message, fds = received
-        entry = _Reply(sock, {})
-        if message.get("op") == "batch":  # as eoid sim answers one (eoid/sim/server.py)
-            replies: list[dict[str, Any]] = []
-            entry.message["replies"] = replies
-            for request in message.get("requests", []):
-                n = request.get("fds", 0)
-                replies.append(self._answer(entry, request, fds[:n]))
-                fds = fds[n:]
-            close_all(fds)
-        else:
-            entry.message = self._answer(entry, message, fds)
-        self._replies[sock].append(entry)
+        batch = message.get("requests", []) if message.get("op") == "batch" else [message]
+        for request in batch:  # (a batch's fds: each request's share in turn)
+            n = len(fds) if request is message else request.get("fds", 0)
+            entry = _Reply(sock, {})
+            entry.message = self._answer(entry, request, fds[:n])
+            self._replies[sock].append(entry)
+            fds = fds[n:]
+        close_all(fds)
         self._flush(sock)
 
     def _answer(self, entry: _Reply, message: dict[str, Any], fds: list[int],
@@ -197,15 +193,28 @@ class SimStandIn:
         reply["kernel_fires"] = self.kernel_fires(self._by_index[line.index])
 
     def _on_pump(self) -> None:
+        """The pump's acknowledgements of the routes it applied: every one there is, then
+        one flush of the replies that are ready."""
         assert self._pump is not None
-        try:
-            data = self._pump.recv(4)
-        except OSError:
-            data = b""
-        if len(data) != 4:
-            self._unlink_pump()
-            return
-        self._complete(*self._routing.popleft())
+        ready: set[socket.socket] = set()
+        flags = 0
+        while True:
+            try:
+                data = self._pump.recv(4, flags)
+            except BlockingIOError:
+                break
+            except OSError:
+                data = b""
+            if len(data) != 4:
+                self._unlink_pump()
+                break
+            entry, reply, line = self._routing.popleft()
+            reply["kernel_fires"] = self.kernel_fires(self._by_index[line.index])
+            entry.waiting -= 1
+            ready.add(entry.sock)
+            flags = socket.MSG_DONTWAIT
+        for sock in ready:
+            self._flush(sock)
 
     def _complete(self, entry: _Reply, reply: dict[str, Any], line: _Line) -> None:
         reply["kernel_fires"] = self.kernel_fires(self._by_index[line.index])
@@ -213,13 +222,19 @@ class SimStandIn:
         self._flush(entry.sock)
 
     def _flush(self, sock: socket.socket) -> None:
+        """Send the replies that are ready, in order: several in one ``replies`` message,
+        as eoid sim answers a batch; each as soon as the pump has applied its route (a
+        reply held back for the rest of its batch would leave eoid waiting past its
+        request timeout while the pump is busy)."""
         queue = self._replies.get(sock)
+        ready: list[dict[str, Any]] = []
         while queue and not queue[0].waiting:
+            ready.append(queue.popleft().message)
+        if ready:
             try:
-                send_msg(sock, queue.popleft().message)
+                send_msg(sock, ready[0] if len(ready) == 1 else {"replies": ready})
             except OSError:
                 self._drop(sock)
-                return
 
     def _unlink_pump(self) -> None:
         """The pump is gone: the routes it did not apply are the stand-in's alone."""
@@ -400,7 +415,8 @@ class Daemon:
         self.consumer_fds.clear()
         if self.sim is not None:
             self.sim.close()
-        shutil.rmtree(self.root, ignore_errors=True)
+        if not os.environ.get("EOID_BENCH_KEEP"):  # (EOID_BENCH_KEEP=1: the logs stay)
+            shutil.rmtree(self.root, ignore_errors=True)
 
 
 def _histogram(samples: Samples,
