@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import math
 import os
 import random
 import select
@@ -51,6 +52,11 @@ if TYPE_CHECKING:
 EFD_FLAGS = os.EFD_NONBLOCK | os.EFD_CLOEXEC
 TIMER_SLACK = 0.001  # uvloop timers have millisecond resolution: never wake up early
 NO_TIME = (1 << 63) - 1  # _fastpath.NO_TIME: no timer
+SAMPLE_GRID = 1.0
+"""Seconds of loop time: sampled observation windows open on its ticks only. Devices whose
+windows fall due within one tick then open them (and, with the same ``for``, close them) in
+one wake-up of the loop, not one each: at 1024 devices a wake-up costs more than the switch
+(bench/RESULTS.md, "Kernel datapath"). Periods are at least 1 s (``config.Observe``)."""
 
 if _fastpath is not None:
     _fastpath.set_buckets(BUCKETS_NS)
@@ -667,7 +673,6 @@ class DeviceRunner:
             self._log_storm(actions)
         if self._kernel_seen is None:  # (else known: the count stands still on the relay)
             self._count_kernel(device)
-        _DEVICE_LOG.debug("on the kernel's path", device=self.name)  # (no bind: windows)
         # Until the backend has bound the unmask, a fire still comes to eoid's trigger
         # (read: the channel forwards it) and an EOI waits in the eventfd for the binding:
         # only a next switch must wait.
@@ -697,7 +702,6 @@ class DeviceRunner:
         now = monotonic_ns()
         triggers, eois = drain_eventfd(self.trigger_fd), drain_eventfd(self.eoi_fd)
         self._act(self.channel.from_kernel(triggers, eois, now), now)
-        _DEVICE_LOG.debug("on the relay", device=self.name)
 
     def _when_routed(self, device: IntxDevice, routed: asyncio.Future[Any] | None,
                      then: Callable[[], None]) -> None:
@@ -709,17 +713,17 @@ class DeviceRunner:
             return
         self._routing = routed
 
-        @_owning
-        def applied(runner: DeviceRunner) -> None:
-            runner._routing = None
-            if not routed.cancelled() and routed.exception() is None:
-                then()
-                runner._reroute()
-
         def done(_: asyncio.Future[Any]) -> None:
             if self._routing is routed and self.device is device:
-                applied(self)
+                self._routed(routed, then)
         routed.add_done_callback(done)
+
+    @_owning
+    def _routed(self, routed: asyncio.Future[Any], then: Callable[[], None]) -> None:
+        self._routing = None
+        if not routed.cancelled() and routed.exception() is None:
+            then()
+            self._reroute()
 
     def _count_kernel(self, device: IntxDevice) -> None:
         """Add what the device counted on the kernel's path since last asked."""
@@ -746,9 +750,11 @@ class DeviceRunner:
         self._reroute()
 
     @_owning
-    def observe(self, duration: int) -> None:
+    def observe(self, duration: int, opened_at: float | None = None) -> None:
         """Relay the device for ``duration`` ns, then return it to the kernel's path (if it
-        is wanted there): latencies and stuck EOIs are seen during the window."""
+        is wanted there): latencies and stuck EOIs are seen during the window.
+        ``opened_at``: the loop time a sampled window opened on (``SAMPLE_GRID``), so
+        that the windows opened together also close together."""
         now = monotonic_ns()
         if now + duration <= self._observing_until:
             return
@@ -756,8 +762,9 @@ class DeviceRunner:
         self.observations += 1
         if self._observe_timer is not None:
             self._observe_timer.cancel()
-        self._observe_timer = self.loop.call_later(duration * 1e-9 + TIMER_SLACK,
-                                                   self._observed)
+        opened = self.loop.time() if opened_at is None else opened_at
+        self._observe_timer = self.loop.call_at(opened + duration * 1e-9 + TIMER_SLACK,
+                                                self._observed)
         self._reroute()
 
     @_owning
@@ -768,19 +775,25 @@ class DeviceRunner:
 
     def _start_sampling(self) -> None:
         """``observe: {every, for}``: one window a period, the first at a random phase
-        (devices configured together do not all switch at once)."""
+        (devices configured together do not all switch at once), on ``SAMPLE_GRID``."""
         if self._sample_timer is None and self.config.observe is not None:
             every = self.config.observe.every * 1e-9
-            self._sample_timer = self.loop.call_later(random.uniform(0, every), self._sample)
+            self._schedule_sample(self.loop.time() + random.uniform(0, every))
 
-    def _sample(self) -> None:
+    def _schedule_sample(self, due: float) -> None:
+        """The window due at loop time ``due`` opens at the next tick of ``SAMPLE_GRID``;
+        the one after is due a period after ``due`` (so the mean period stays exact)."""
+        opens = math.ceil(due / SAMPLE_GRID) * SAMPLE_GRID
+        self._sample_timer = self.loop.call_at(opens, self._sample, due, opens)
+
+    def _sample(self, due: float, opened_at: float) -> None:
         observe = self.config.observe
         self._sample_timer = None
         if observe is None or self.wanted_datapath is not Datapath.KERNEL:
             return
-        self._sample_timer = self.loop.call_later(observe.every * 1e-9, self._sample)
+        self._schedule_sample(due + observe.every * 1e-9)
         if self.device is not None and self.consumer is not None:
-            self.observe(observe.window)
+            self.observe(observe.window, opened_at)
 
     def _end_sampling(self) -> None:
         if self._sample_timer is not None:
