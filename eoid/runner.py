@@ -69,13 +69,15 @@ R = TypeVar("R")
 def _owning(method: Callable[Concatenate[DeviceRunner, P], R]
             ) -> Callable[Concatenate[DeviceRunner, P], R]:
     """Run ``method`` with the channel's state taken back from the fast path, and lend it
-    again afterwards (if the line is then in a state the fast path may run)."""
+    again afterwards (if the line is then in a state the fast path may run); then the loop
+    reads the eventfds if nobody else does (``_sync_readers``)."""
     def owning(self: DeviceRunner, /, *args: P.args, **kwargs: P.kwargs) -> R:
         self._reclaim()
         try:
             return method(self, *args, **kwargs)
         finally:
             self._lend()
+            self._sync_readers()
     functools.update_wrapper(owning, method)
     return owning
 
@@ -251,8 +253,6 @@ class DeviceRunner:
             self._fast.set_unmask(*(device.unmask_op() or (-1,)))
         self.down_reason = None
         self.faulted = False
-        if not adopted:  # (adopted: once the line is back on eoid's trigger)
-            self._watch()
         for fd in device.event_fds():
             self.loop.add_reader(fd, self._on_device_event, fd)
         device.watch(self.loop, self._on_device_event)  # events not on an fd of its own (sim)
@@ -287,7 +287,6 @@ class DeviceRunner:
 
     def _adopt(self) -> None:
         """The adopted line is on eoid's trigger: take it over from what the eventfds hold."""
-        self._watch()
         now = monotonic_ns()
         triggers, eois = drain_eventfd(self.trigger_fd), drain_eventfd(self.eoi_fd)
         self._act(self.channel.adopt(triggers, eois, now), now)
@@ -307,7 +306,6 @@ class DeviceRunner:
         device, self.device = self.device, None
         self.down_reason = reason
         self._cancel_timer()
-        self._unwatch()
         if device is None:
             return
         for fd in device.event_fds():
@@ -366,7 +364,6 @@ class DeviceRunner:
         self._note_lane_errors()
         if self.device is None:
             return
-        self._watch()
         if released.owes_unmask:  # an EOI the lane acted on but could not unmask for
             self._unmask(released.owed_unmask)
         if released.carried:  # read by the lane, and left to the channel
@@ -408,7 +405,6 @@ class DeviceRunner:
         if self._failing:
             self._recover("epoll")
             self._recover("fastpath")
-        self._unwatch()
 
     def _note_lane_errors(self) -> None:
         """Log what the fast path failed at since last seen (it cannot log: no GIL)."""
@@ -437,20 +433,26 @@ class DeviceRunner:
             self._failing.discard(op)
             self._log.info(f"{op} works again")
 
-    def _watch(self) -> None:
-        """Read the trigger on the loop, and the EOI unless the kernel's unmask reads it."""
-        if not self._watching:
+    def _sync_readers(self) -> None:
+        """The loop reads trigger and EOI when nobody else does: the device is up, on the
+        relay, not lent to the lane (which reads both), and no switch is in flight (the
+        eventfds are read once the backend has applied it). On the kernel's path the
+        kernel reads both: a fire that came to eoid's trigger before the swap is read once
+        the swap is made (``_to_kernel``). Called when an entry point ends (``_owning``):
+        a window costs the loop no reader it adds and removes again before it waits."""
+        fast = self._fast
+        want = (self.device is not None and self.datapath is Datapath.RELAY
+                and self._routing is None and not (fast is not None and fast.lent))
+        if want is self._watching:
+            return
+        self._watching = want
+        if want:
             self.loop.add_reader(self.trigger_fd, self._on_trigger_ready)
-            if self.datapath is Datapath.RELAY:
-                self.loop.add_reader(self.eoi_fd, self._on_eoi_ready)
-            self._watching = True
-
-    def _unwatch(self) -> None:
-        if self._watching:
-            for fd in (self.trigger_fd, self.eoi_fd):
-                with contextlib.suppress(ValueError, OSError):
-                    self.loop.remove_reader(fd)
-            self._watching = False
+            self.loop.add_reader(self.eoi_fd, self._on_eoi_ready)
+            return
+        for fd in (self.trigger_fd, self.eoi_fd):
+            with contextlib.suppress(ValueError, OSError):
+                self.loop.remove_reader(fd)
 
     # --- events on the loop ----------------------------------------------------------------
 
@@ -662,9 +664,7 @@ class DeviceRunner:
         except (DeviceError, OSError) as e:
             self._route_failed(device, e)
             return
-        self._unwatch()
         self.datapath = Datapath.KERNEL
-        self._watch()
         self._cancel_timer()
         now = monotonic_ns()
         actions = self.channel.to_kernel()
@@ -673,10 +673,10 @@ class DeviceRunner:
             self._log_storm(actions)
         if self._kernel_seen is None:  # (else known: the count stands still on the relay)
             self._count_kernel(device)
-        # Until the backend has bound the unmask, a fire still comes to eoid's trigger
-        # (read: the channel forwards it) and an EOI waits in the eventfd for the binding:
-        # only a next switch must wait.
-        self._when_routed(device, routed, lambda: None)
+        # Until the backend has swapped the trigger, a fire still comes to eoid's: read
+        # once the swap is made (the channel forwards it). An EOI waits in the eventfd
+        # for the kernel's unmask.
+        self._when_routed(device, routed, self._read_trigger)
 
     def _to_relay(self) -> None:
         """Kernel → relay: the trigger back to eoid's eventfd, then the unmask unbound;
@@ -690,7 +690,7 @@ class DeviceRunner:
         except (DeviceError, OSError) as e:
             self._route_failed(device, e)
             return
-        self._unwatch()  # the eventfds hold what the old route did not take: read once
+        # the eventfds hold what the old route did not take: read once it is in place
         self._when_routed(device, routed, self._take_from_kernel)
 
     def _take_from_kernel(self) -> None:
@@ -698,7 +698,6 @@ class DeviceRunner:
         assert device is not None
         self._count_kernel(device)
         self.datapath = Datapath.RELAY
-        self._watch()
         now = monotonic_ns()
         triggers, eois = drain_eventfd(self.trigger_fd), drain_eventfd(self.eoi_fd)
         self._act(self.channel.from_kernel(triggers, eois, now), now)
