@@ -549,18 +549,25 @@ class DeviceRunner:
         self._timer = None
         if not self._keep_lent():
             self._on_timer_owned()
+            self._keep_lent()  # lent again, and busy: a timer covers it
 
     def _keep_lent(self) -> bool:
-        """A timer of a line the fast path relays, with nothing due: the lane keeps the
-        state (no hand-over, which costs a dozen syscalls) and a new timer covers it."""
+        """Leave a timer behind for the fast path while it relays, without taking the
+        state back (a hand-over costs a dozen syscalls) if nothing is due. The lane
+        declines an interrupt whose EOI deadline no loop timer covers, so without one the
+        next interrupt, and the timer that follows it, go through Python (at 1024 devices
+        and a 2 s eoi_timeout, a thousand trips a second: bench/RESULTS.md, "What
+        separates the lane from C"). A timer at now + eoi_timeout covers every deadline
+        from now on. Only while the lane relayed since the last one: an idle line stops
+        waking the loop after one more timer."""
         fast = self._fast
-        if fast is None:
+        if fast is None or self._timer is not None:
             return False
         relayed = fast.interrupts
         if relayed == self._covered:  # idle since the last timer: let it go quiet
             return False
         now = monotonic_ns()
-        at = fast.keep(now, now + self.channel.policy.eoi_timeout)
+        at = fast.keep(now, min(now + self.channel.policy.eoi_timeout, NO_TIME))
         if at is None:
             return False
         self._covered = relayed
@@ -575,23 +582,6 @@ class DeviceRunner:
         self._act(actions, now)
         if actions & STORM_END:  # the line stayed quiet for ``recovery``
             self._log_storm(actions)
-        self._cover(now)
-
-    def _cover(self, now: int) -> None:
-        """Leave a timer behind for the fast path while it relays: it declines an interrupt
-        whose EOI deadline no loop timer covers, so without one the next interrupt, and
-        the timer that follows it, go through Python (at 1024 devices and a 2 s eoi_timeout,
-        a thousand trips a second: bench/RESULTS.md, "What separates the lane from C"). A
-        timer at now + eoi_timeout covers every deadline from now on. Only while the lane
-        relayed since the last one: an idle line stops waking the loop after one more."""
-        fast = self._fast
-        if self._timer is not None or fast is None:
-            return
-        relayed = fast.interrupts
-        if relayed == self._covered:
-            return
-        self._covered = relayed
-        self._set_timer(now + self.channel.policy.eoi_timeout, now)
 
     def _set_timer(self, at: int, now: int) -> None:
         self._timer_at = at
