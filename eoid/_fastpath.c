@@ -76,9 +76,9 @@ enum { HANDLED, DECLINED, OWES_UNMASK, HANDLED_TELL };
 
 /* --- injected faults (a test build: -DEOID_FAULT_INJECTION) ------------------------------ */
 
-/* race: guarded_write's poll() says there is room when there is none, as when a consumer
- * fills the count between that poll() and the write(): the write then waits, and the
- * sentinel must interrupt it. */
+/* race: guarded_write's check says the write cannot wait when it can, as when a consumer
+ * clears O_NONBLOCK (or fills the count) between that check and the write(): the write
+ * then waits, and the sentinel must interrupt it. */
 enum { F_EPOLL_CTL, F_READ, F_WRITE, F_IOCTL, F_RACE, N_FAULTS };
 #ifdef EOID_FAULT_INJECTION
 static const char *fault_names[N_FAULTS] = {"epoll_ctl", "read", "write", "ioctl", "race"};
@@ -174,6 +174,7 @@ struct Lane {
     Py_ssize_t n_slots, n_handed_back;
     uint64_t pongs; /* atomic: pings answered by the lane's thread (the watchdog's check) */
     uint64_t round; /* rounds acted on (mu held) */
+    int64_t clock; /* the last reading of the clock (mu held; see lane_tick) */
     int clock_injected; /* poll(now): the time of this round is ``injected_now`` (tests) */
     int64_t injected_now;
 };
@@ -196,10 +197,20 @@ static inline void observe(FastPath *f, int h, int64_t ns)
     f->sums[h] += (uint64_t)ns;
 }
 
-/* The time: the clock's, or the one poll(now) was given (a thread-less lane in tests). */
-static inline int64_t lane_now(Lane *lane)
+/* The lane reads the clock once a round starts and again after each write (the reading
+ * the latency it observes ends with), not once an event: an event's time is the last
+ * reading, at most one non-blocking syscall earlier (bench/RESULTS.md, "What separates the
+ * lane from C": the clock was a sixth of the lane's extra cost over the C baseline). */
+static inline void lane_tick(Lane *lane)
 {
-    return lane->clock_injected ? lane->injected_now : now_ns();
+    lane->clock = now_ns();
+}
+
+/* The time of what the lane does now: its last reading, or the time poll(now) was given
+ * (a thread-less lane in tests). */
+static inline int64_t lane_time(Lane *lane)
+{
+    return lane->clock_injected ? lane->injected_now : lane->clock;
 }
 
 /* An eventfd's count, without ever blocking, whatever its file's O_NONBLOCK says: a
@@ -233,26 +244,38 @@ static int nb_read(int fd, uint64_t *count)
 /* Add to an eventfd another process also holds, without hanging on it: an eventfd write
  * waits while the count would pass 2**64 - 2 unless the file has O_NONBLOCK, and a consumer
  * shares irq's file (a dup()) and may clear that flag and fill the count. There is no
- * per-call non-blocking eventfd write (no RWF_NOWAIT: eventfd has no write_iter), so:
- * poll() first, and write only when there is room (the deterministic case). A consumer
- * that fills the count between poll() and write() could still make the write wait: the
- * lane's sentinel thread interrupts any guarded write older than RESCUE_AFTER_NS with
- * RESCUE_SIGNAL (a no-op handler without SA_RESTART: the write fails with EINTR). So a
- * misbehaving consumer costs its own device a forward error, and the lane at most 50 ms.
+ * per-call non-blocking eventfd write (no RWF_NOWAIT: eventfd has no write_iter), so the
+ * write is checked first (the deterministic case): while the file still has O_NONBLOCK
+ * (fcntl F_GETFL, the cheapest syscall there is) the write cannot wait, it fails with
+ * EAGAIN on a full count; a file without it (a consumer cleared it) is poll()ed, and
+ * written only when there is room. A consumer that clears the flag, or fills the count,
+ * between that check and the write could still make the write wait (the same race either
+ * way: a full count and a blocking file at the moment of the write): the lane's sentinel
+ * thread interrupts any guarded write older than RESCUE_AFTER_NS with RESCUE_SIGNAL (a
+ * no-op handler without SA_RESTART: the write fails with EINTR). So a misbehaving consumer
+ * costs its own device a forward error, and the lane at most 50 ms. ``start``: the time
+ * the guard counts from (the caller's last clock reading: at or before the write).
+ * ``shared``: 0 for the unmask eventfd, which is eoid's own (made with EFD_NONBLOCK) and
+ * shared with the backend that plays the kernel only, never with a consumer: no check,
+ * as the runner's own unmask (SimDevice.unmask) writes it without one; still guarded.
  * Returns 0, or -1 with errno. */
-static int guarded_write(Guard *guard, int fd, uint64_t value)
+static int guarded_write(Guard *guard, int fd, uint64_t value, int64_t start, int shared)
 {
     if (FAULT(F_WRITE))
         return -1;
-    struct pollfd p = {.fd = fd, .events = POLLOUT};
-    int ready = FAULT(F_RACE) ? (p.revents = POLLOUT, 1) : poll(&p, 1, 0);
-    if (ready < 0)
+    int flags = !shared || FAULT(F_RACE) ? O_NONBLOCK : fcntl(fd, F_GETFL);
+    if (flags < 0)
         return -1;
-    if (ready == 0 || !(p.revents & POLLOUT)) {
-        errno = EAGAIN;
-        return -1;
+    if (!(flags & O_NONBLOCK)) {
+        struct pollfd p = {.fd = fd, .events = POLLOUT};
+        int ready = poll(&p, 1, 0);
+        if (ready < 0)
+            return -1;
+        if (ready == 0 || !(p.revents & POLLOUT)) {
+            errno = EAGAIN;
+            return -1;
+        }
     }
-    int64_t start = now_ns();
     if (guard != NULL) {
         __atomic_store_n(&guard->thread, pthread_self(), __ATOMIC_RELAXED); /* read by the
                                                     sentinel, which does not hold mu */
@@ -323,9 +346,11 @@ static int fast_trigger(Lane *lane, FastPath *f, int64_t count, int64_t now)
     f->state = ST_PENDING;
     f->pending_since = now;
     f->timer_at = (int64_t)deadline;
-    if (guarded_write(&lane->guards[0], f->irq_fd, 1) == 0) {
+    int failed = guarded_write(&lane->guards[0], f->irq_fd, 1, lane->clock, 1);
+    lane_tick(lane);
+    if (!failed) {
         f->counters[C_FORWARDS]++;
-        observe(f, H_DISPATCH, clamp((wide)lane_now(lane) - now));
+        observe(f, H_DISPATCH, clamp((wide)lane_time(lane) - now));
         return HANDLED;
     }
     f->counters[C_FORWARD_ERRORS]++;
@@ -361,7 +386,8 @@ static int fast_eoi(Lane *lane, FastPath *f, int64_t count, int64_t now)
     f->timer_at = NO_TIME;
     int failed = f->unmask_fd < 0 ? 1
         : f->unmask_request ? dev_ioctl(f->unmask_fd, f->unmask_request, f->unmask_arg) < 0
-        : guarded_write(&lane->guards[0], f->unmask_fd, 1) < 0;
+        : guarded_write(&lane->guards[0], f->unmask_fd, 1, lane->clock, 0) < 0;
+    lane_tick(lane);
     if (failed) { /* the runner unmasks through the device, which explains any error */
         if (f->unmask_fd >= 0)
             f->counters[C_UNMASK_ERRORS]++;
@@ -370,7 +396,7 @@ static int fast_eoi(Lane *lane, FastPath *f, int64_t count, int64_t now)
         return OWES_UNMASK;
     }
     f->counters[C_UNMASKS]++;
-    observe(f, H_UNMASK, clamp((wide)lane_now(lane) - now));
+    observe(f, H_UNMASK, clamp((wide)lane_time(lane) - now));
     return HANDLED;
 }
 static inline uint64_t event_key(Lane *lane, FastPath *f, int eoi)
@@ -485,7 +511,7 @@ static int lane_event(Lane *lane, uint64_t key)
         hand_back(lane, f); /* the runner reads it on the loop, and reports */
         return 1;
     }
-    int64_t now = lane_now(lane);
+    int64_t now = lane_time(lane);
     int done = count > INT64_MAX ? DECLINED /* a consumer's EOI count: the channel's */
         : eoi ? fast_eoi(lane, f, (int64_t)count, now)
         : fast_trigger(lane, f, (int64_t)count, now);
@@ -504,6 +530,7 @@ static int lane_act(Lane *lane, struct epoll_event *events, int n, int *notify)
 {
     int stop = 0;
     lane->round++;
+    lane_tick(lane);
     for (int i = 0; i < n; i++) {
         uint64_t key = events[i].data.u64;
         if (key == CONTROL_KEY) {
@@ -703,6 +730,30 @@ static int set_field(PyObject *record, Py_ssize_t i, PyObject *value)
         return -1;
     PyStructSequence_SET_ITEM(record, i, value);
     return 0;
+}
+
+/* A loop timer fired while the lane holds the state: if nothing is due (no EOI deadline,
+ * or one after ``now``), the lane keeps it, and the next loop timer is the earlier of
+ * ``cover`` and that deadline (returned; the runner sets it). Else None: the runner takes
+ * the state back and lets the channel act, as for any timer. */
+static PyObject *fp_keep(FastPath *self, PyObject *args)
+{
+    long long now, cover;
+    if (!PyArg_ParseTuple(args, "LL:keep", &now, &cover))
+        return NULL;
+    Lane *lane = self->lane;
+    if (lane == NULL)
+        Py_RETURN_NONE;
+    lane_lock(lane);
+    int kept = self->owner == OWN_LANE && !lane->dead && !lane->closing
+        && (self->timer_at == NO_TIME || self->timer_at > now);
+    int64_t at = self->timer_at < cover ? self->timer_at : cover;
+    if (kept)
+        self->loop_timer_at = at;
+    pthread_mutex_unlock(&lane->mu);
+    if (!kept)
+        Py_RETURN_NONE;
+    return PyLong_FromLongLong(at);
 }
 
 static PyObject *fp_reclaim(FastPath *self, PyObject *Py_UNUSED(ignored))
@@ -911,11 +962,16 @@ static PyMethodDef fp_methods[] = {
     {"lend", (PyCFunction)fp_lend, METH_VARARGS,
      "lend(state, pending_since, timer_at, tat, backoff, loop_timer_at): the lane owns the"
      " state and reads the eventfds from now on."},
+    {"keep", (PyCFunction)fp_keep, METH_VARARGS,
+     "keep(now, cover): a loop timer fired; if nothing is due, the lane keeps the state and"
+     " the time of the next loop timer is returned (the earlier of cover and the EOI"
+     " deadline), else None (reclaim, and let the channel act)."},
     {"reclaim", (PyCFunction)fp_reclaim, METH_NOARGS,
      "Take the state back: a Released record, or None if it was not lent."},
     {"set_unmask", (PyCFunction)fp_set_unmask, METH_VARARGS,
      "set_unmask(fd, request=0, arg=b''): ioctl(fd, request, arg), or an eventfd write when"
-     " request is 0; fd -1: the runner unmasks."},
+     " request is 0 (an eventfd no consumer holds: written without guarded_write's"
+     " check); fd -1: the runner unmasks."},
     {"counts", (PyCFunction)fp_counts, METH_NOARGS,
      "Everything counted so far (a Counts record), or None if nothing was."},
     {NULL, NULL, 0, NULL},
@@ -1125,7 +1181,7 @@ static PyObject *lane_signal(Lane *self, PyObject *arg)
     }
     if (!self->initialised || self->closing)
         return lane_closed_error();
-    if (guarded_write(&self->guards[1], (int)fd, 1) < 0)
+    if (guarded_write(&self->guards[1], (int)fd, 1, now_ns(), 1) < 0)
         return PyErr_SetFromErrno(PyExc_OSError);
     Py_RETURN_NONE;
 }

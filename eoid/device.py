@@ -106,7 +106,8 @@ class IntxDevice(Protocol):
 
     def unmask_op(self) -> tuple[int, int, bytes] | None:
         """``unmask`` as one raw syscall, for the C fast path: ``(fd, request, arg)`` for
-        ``ioctl(fd, request, arg)``, or ``(fd, 0, b"")`` for an eventfd write. None when it
+        ``ioctl(fd, request, arg)``, or ``(fd, 0, b"")`` for an eventfd write (eoid's own,
+        non-blocking, held by no consumer: the fast path writes it unchecked). None when it
         is not one (the fast path then leaves each unmask to ``unmask``)."""
 
     def mask(self) -> None:

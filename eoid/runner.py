@@ -163,6 +163,7 @@ class DeviceRunner:
         self.observations = 0  # observation windows opened (``eoid observe``, sampling)
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0
+        self._covered = 0  # the fast path's interrupt count when a timer last covered it
 
     @property
     def _log(self) -> Any:
@@ -537,24 +538,55 @@ class DeviceRunner:
             return
         if self._timer is not None:
             self._timer.cancel()
-        self._timer_at = at
-        delay = max(0.0, (at - monotonic_ns()) * 1e-9) + TIMER_SLACK
-        self._timer = self.loop.call_later(delay, self._on_timer)
+        self._set_timer(at, monotonic_ns())
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
 
-    @_owning
     def _on_timer(self) -> None:
         self._timer = None
+        if not self._keep_lent():
+            self._on_timer_owned()
+            self._keep_lent()  # lent again, and busy: a timer covers it
+
+    def _keep_lent(self) -> bool:
+        """Leave a timer behind for the fast path while it relays, without taking the
+        state back (a hand-over costs a dozen syscalls) if nothing is due. The lane
+        declines an interrupt whose EOI deadline no loop timer covers, so without one the
+        next interrupt, and the timer that follows it, go through Python (at 1024 devices
+        and a 2 s eoi_timeout, a thousand trips a second: bench/RESULTS.md, "What
+        separates the lane from C"). A timer at now + eoi_timeout covers every deadline
+        from now on. Only while the lane relayed since the last one: an idle line stops
+        waking the loop after one more timer."""
+        fast = self._fast
+        if fast is None or self._timer is not None:
+            return False
+        relayed = fast.interrupts
+        if relayed == self._covered:  # idle since the last timer: let it go quiet
+            return False
+        now = monotonic_ns()
+        at = fast.keep(now, min(now + self.channel.policy.eoi_timeout, NO_TIME))
+        if at is None:
+            return False
+        self._covered = relayed
+        self._set_timer(at, now)
+        return True
+
+    @_owning
+    def _on_timer_owned(self) -> None:
         self._read_trigger()  # a fire not yet read must count before the channel may unmask
         now = monotonic_ns()
         actions = self.channel.timer(now)
         self._act(actions, now)
         if actions & STORM_END:  # the line stayed quiet for ``recovery``
             self._log_storm(actions)
+
+    def _set_timer(self, at: int, now: int) -> None:
+        self._timer_at = at
+        self._timer = self.loop.call_later(max(0.0, (at - now) * 1e-9) + TIMER_SLACK,
+                                           self._on_timer)
 
     def _act(self, actions: int, now: int) -> None:
         if actions & FORWARD:

@@ -206,6 +206,23 @@ print("ok")
     assert result.stdout.strip() == "ok", result.stderr
 
 
+def test_a_blocking_irq_file_with_room_is_still_forwarded_to(h: Harness) -> None:
+    """A consumer that only clears O_NONBLOCK (it reads irq with blocking reads) keeps its
+    forwards: the lane checks the flag, then polls such a file for room before writing."""
+    h.take()
+    blocking(h.irq)
+    h.fire()
+    h.end()
+    os.eventfd_write(h.irq, FULL - 2)  # room for one more
+    h.fire()
+    counts = h.fp.counts()
+    assert counts is not None
+    assert (counts.forwards, counts.forward_errors, counts.unmasks) == (2, 0, 1)
+    assert h.returned == 0  # nothing went back to the event loop
+    assert os.eventfd_read(h.irq) == FULL
+    assert drain_eventfd(h.unmask) == 1
+
+
 def test_reads_never_wait_whatever_the_file_flags_say() -> None:
     """A consumer cleared O_NONBLOCK on eoi and read the count itself: eoid's read of an
     empty eventfd must still return at once (before: the event loop hung in read())."""
