@@ -42,7 +42,7 @@ from eoid.control import ControlClient, wait_for_socket
 from eoid.demo import Samples, scrape
 from eoid.stats import quantile
 from eoid.systemd import close_all
-from eoid.wire import recv_msg, send_msg
+from eoid.wire import BATCH_MAX_FDS, recv_msg, send_msg
 
 _START_TIMEOUT = 120.0
 _EXIT_TIMEOUT = 30.0
@@ -56,6 +56,16 @@ class _Line:
     trigger: int = -1  # eoid's trigger eventfd; on the kernel's path, the consumer's irq
     unmask: int = -1  # eoid's unmask eventfd (VFIO's ACTION_UNMASK, the sim's ``enable``)
     virqfd: int = -1  # on the kernel's path: the consumer's eoi, bound as the unmask
+
+
+@dataclass
+class _Reply:
+    """A reply the stand-in owes on ``sock``, sent in turn once the pump has applied the
+    ``waiting`` routes it answers (``message``: one reply, or a batch's ``replies``)."""
+
+    sock: socket.socket
+    message: dict[str, Any]
+    waiting: int = 0
 
 
 class SimStandIn:
@@ -83,8 +93,9 @@ class SimStandIn:
         self._pump: socket.socket | None = None
         # replies in the order of their requests, per connection: a route's is filled in
         # when the pump has applied it
-        self._replies: dict[socket.socket, collections.deque[list[Any]]] = {}
-        self._routing: collections.deque[list[Any]] = collections.deque()  # sent to the pump
+        self._replies: dict[socket.socket, collections.deque[_Reply]] = {}
+        self._routing: collections.deque[tuple[_Reply, dict[str, Any], _Line]] = \
+            collections.deque()  # routes sent to the pump, in its order
         self.routes = 0
         self.to_relay = 0  # routes back to eoid's trigger (from the kernel's path)
         self.requests: collections.Counter[str] = collections.Counter()  # by op
@@ -122,14 +133,30 @@ class SimStandIn:
 
     def _on_daemon(self, sock: socket.socket) -> None:
         try:
-            received = recv_msg(sock)
+            received = recv_msg(sock, max_fds=BATCH_MAX_FDS)
         except OSError:  # the daemon went (it sends its last requests unanswered)
             received = None
         if received is None:
             self._drop(sock)
             return
         message, fds = received
-        reply: list[Any] = [{"ok": True, "id": message.get("id")}]
+        entry = _Reply(sock, {})
+        if message.get("op") == "batch":  # as eoid sim answers one (eoid/sim/server.py)
+            replies: list[dict[str, Any]] = []
+            entry.message["replies"] = replies
+            for request in message.get("requests", []):
+                n = request.get("fds", 0)
+                replies.append(self._answer(entry, request, fds[:n]))
+                fds = fds[n:]
+            close_all(fds)
+        else:
+            entry.message = self._answer(entry, message, fds)
+        self._replies[sock].append(entry)
+        self._flush(sock)
+
+    def _answer(self, entry: _Reply, message: dict[str, Any], fds: list[int],
+                ) -> dict[str, Any]:
+        reply: dict[str, Any] = {"ok": True, "id": message.get("id")}
         op, name = message.get("op"), str(message.get("line"))
         self.requests[str(op)] += 1
         line = self.lines.get(name)
@@ -143,15 +170,15 @@ class SimStandIn:
             line.trigger, line.unmask, line.virqfd = fds[0], fds[1], -1
             fds = []
         elif line is not None and op == "route" and len(fds) in (1, 2):
-            self._route(line, fds, reply)
+            self._route(line, fds, entry, reply)
             fds = []
         elif line is not None and op == "fires":
-            reply[0]["kernel_fires"] = self.kernel_fires(name)
+            reply["kernel_fires"] = self.kernel_fires(name)
         close_all(fds)
-        self._replies[sock].append(reply)
-        self._flush(sock)
+        return reply
 
-    def _route(self, line: _Line, fds: list[int], reply: list[Any]) -> None:
+    def _route(self, line: _Line, fds: list[int], entry: _Reply, reply: dict[str, Any],
+               ) -> None:
         """The sim's ``route``: with a virqfd, bind it, then swap the trigger; without,
         swap, then unbind. A running pump applies it to the line it plays first."""
         self.routes += 1
@@ -164,10 +191,10 @@ class SimStandIn:
             except OSError:  # the pump has exited
                 self._unlink_pump()
             else:
-                reply.append(line)  # incomplete: answered on the pump's acknowledgement
-                self._routing.append(reply)
+                entry.waiting += 1  # answered on the pump's acknowledgement
+                self._routing.append((entry, reply, line))
                 return
-        reply[0]["kernel_fires"] = self.kernel_fires(self._by_index[line.index])
+        reply["kernel_fires"] = self.kernel_fires(self._by_index[line.index])
 
     def _on_pump(self) -> None:
         assert self._pump is not None
@@ -178,21 +205,18 @@ class SimStandIn:
         if len(data) != 4:
             self._unlink_pump()
             return
-        reply = self._routing.popleft()
-        self._complete(reply)
+        self._complete(*self._routing.popleft())
 
-    def _complete(self, reply: list[Any]) -> None:
-        line = reply.pop()
-        reply[0]["kernel_fires"] = self.kernel_fires(self._by_index[line.index])
-        for sock, queue in list(self._replies.items()):
-            if queue and any(r is reply for r in queue):
-                self._flush(sock)
+    def _complete(self, entry: _Reply, reply: dict[str, Any], line: _Line) -> None:
+        reply["kernel_fires"] = self.kernel_fires(self._by_index[line.index])
+        entry.waiting -= 1
+        self._flush(entry.sock)
 
     def _flush(self, sock: socket.socket) -> None:
         queue = self._replies.get(sock)
-        while queue and len(queue[0]) == 1:
+        while queue and not queue[0].waiting:
             try:
-                send_msg(sock, queue.popleft()[0])
+                send_msg(sock, queue.popleft().message)
             except OSError:
                 self._drop(sock)
                 return
@@ -205,7 +229,7 @@ class SimStandIn:
         self._pump.close()
         self._pump = None
         while self._routing:
-            self._complete(self._routing.popleft())
+            self._complete(*self._routing.popleft())
 
     def connect_pump(self, consumer_fds: dict[str, tuple[int, int]],
                      ) -> tuple[list[tuple[int, int, int, int, int]], socket.socket, int]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import math
 import os
 import random
 import select
@@ -51,6 +52,11 @@ if TYPE_CHECKING:
 EFD_FLAGS = os.EFD_NONBLOCK | os.EFD_CLOEXEC
 TIMER_SLACK = 0.001  # uvloop timers have millisecond resolution: never wake up early
 NO_TIME = (1 << 63) - 1  # _fastpath.NO_TIME: no timer
+SAMPLE_GRID = 1.0
+"""Seconds of loop time: sampled observation windows open on its ticks only. Devices whose
+windows fall due within one tick then open them (and, with the same ``for``, close them) in
+one wake-up of the loop, not one each: at 1024 devices a wake-up costs more than the switch
+(bench/RESULTS.md, "Kernel datapath"). Periods are at least 1 s (``config.Observe``)."""
 
 if _fastpath is not None:
     _fastpath.set_buckets(BUCKETS_NS)
@@ -63,13 +69,15 @@ R = TypeVar("R")
 def _owning(method: Callable[Concatenate[DeviceRunner, P], R]
             ) -> Callable[Concatenate[DeviceRunner, P], R]:
     """Run ``method`` with the channel's state taken back from the fast path, and lend it
-    again afterwards (if the line is then in a state the fast path may run)."""
+    again afterwards (if the line is then in a state the fast path may run); then the loop
+    reads the eventfds if nobody else does (``_sync_readers``)."""
     def owning(self: DeviceRunner, /, *args: P.args, **kwargs: P.kwargs) -> R:
         self._reclaim()
         try:
             return method(self, *args, **kwargs)
         finally:
             self._lend()
+            self._sync_readers()
     functools.update_wrapper(owning, method)
     return owning
 
@@ -244,8 +252,6 @@ class DeviceRunner:
             self._fast.set_unmask(*(device.unmask_op() or (-1,)))
         self.down_reason = None
         self.faulted = False
-        if not adopted:  # (adopted: once the line is back on eoid's trigger)
-            self._watch()
         for fd in device.event_fds():
             self.loop.add_reader(fd, self._on_device_event, fd)
         device.watch(self.loop, self._on_device_event)  # events not on an fd of its own (sim)
@@ -300,7 +306,6 @@ class DeviceRunner:
 
     def _adopt(self) -> None:
         """The adopted line is on eoid's trigger: take it over from what the eventfds hold."""
-        self._watch()
         now = monotonic_ns()
         triggers, eois = drain_eventfd(self.trigger_fd), drain_eventfd(self.eoi_fd)
         self._act(self.channel.adopt(triggers, eois, now), now)
@@ -320,7 +325,6 @@ class DeviceRunner:
         device, self.device = self.device, None
         self.down_reason = reason
         self._cancel_timer()
-        self._unwatch()
         if device is None:
             return
         for fd in device.event_fds():
@@ -379,7 +383,6 @@ class DeviceRunner:
         self._note_lane_errors()
         if self.device is None:
             return
-        self._watch()
         if released.owes_unmask:  # an EOI the lane acted on but could not unmask for
             self._unmask(released.owed_unmask)
         if released.carried:  # read by the lane, and left to the channel
@@ -421,7 +424,6 @@ class DeviceRunner:
         if self._failing:
             self._recover("epoll")
             self._recover("fastpath")
-        self._unwatch()
 
     def _note_lane_errors(self) -> None:
         """Log what the fast path failed at since last seen (it cannot log: no GIL)."""
@@ -450,20 +452,26 @@ class DeviceRunner:
             self._failing.discard(op)
             self._log.info(f"{op} works again")
 
-    def _watch(self) -> None:
-        """Read the trigger on the loop, and the EOI unless the kernel's unmask reads it."""
-        if not self._watching:
+    def _sync_readers(self) -> None:
+        """The loop reads trigger and EOI when nobody else does: the device is up, on the
+        relay, not lent to the lane (which reads both), and no switch is in flight (the
+        eventfds are read once the backend has applied it). On the kernel's path the
+        kernel reads both: a fire that came to eoid's trigger before the swap is read once
+        the swap is made (``_to_kernel``). Called when an entry point ends (``_owning``):
+        a window costs the loop no reader it adds and removes again before it waits."""
+        fast = self._fast
+        want = (self.device is not None and self.datapath is Datapath.RELAY
+                and self._routing is None and not (fast is not None and fast.lent))
+        if want is self._watching:
+            return
+        self._watching = want
+        if want:
             self.loop.add_reader(self.trigger_fd, self._on_trigger_ready)
-            if self.datapath is Datapath.RELAY:
-                self.loop.add_reader(self.eoi_fd, self._on_eoi_ready)
-            self._watching = True
-
-    def _unwatch(self) -> None:
-        if self._watching:
-            for fd in (self.trigger_fd, self.eoi_fd):
-                with contextlib.suppress(ValueError, OSError):
-                    self.loop.remove_reader(fd)
-            self._watching = False
+            self.loop.add_reader(self.eoi_fd, self._on_eoi_ready)
+            return
+        for fd in (self.trigger_fd, self.eoi_fd):
+            with contextlib.suppress(ValueError, OSError):
+                self.loop.remove_reader(fd)
 
     # --- events on the loop ----------------------------------------------------------------
 
@@ -634,9 +642,7 @@ class DeviceRunner:
         except (DeviceError, OSError) as e:
             self._route_failed(device, e)
             return
-        self._unwatch()
         self.datapath = Datapath.KERNEL
-        self._watch()
         self._cancel_timer()
         now = monotonic_ns()
         actions = self.channel.to_kernel()
@@ -645,11 +651,10 @@ class DeviceRunner:
             self._log_storm(actions)
         if self._kernel_seen is None:  # (else known: the count stands still on the relay)
             self._count_kernel(device)
-        _DEVICE_LOG.debug("on the kernel's path", device=self.name)  # (no bind: windows)
-        # Until the backend has bound the unmask, a fire still comes to eoid's trigger
-        # (read: the channel forwards it) and an EOI waits in the eventfd for the binding:
-        # only a next switch must wait.
-        self._when_routed(device, routed, lambda: None)
+        # Until the backend has swapped the trigger, a fire still comes to eoid's: read
+        # once the swap is made (the channel forwards it). An EOI waits in the eventfd
+        # for the kernel's unmask.
+        self._when_routed(device, routed, self._read_trigger)
 
     def _to_relay(self) -> None:
         """Kernel → relay: the trigger back to eoid's eventfd, then the unmask unbound;
@@ -663,7 +668,7 @@ class DeviceRunner:
         except (DeviceError, OSError) as e:
             self._route_failed(device, e)
             return
-        self._unwatch()  # the eventfds hold what the old route did not take: read once
+        # the eventfds hold what the old route did not take: read once it is in place
         self._when_routed(device, routed, self._take_from_kernel)
 
     def _take_from_kernel(self) -> None:
@@ -671,11 +676,9 @@ class DeviceRunner:
         assert device is not None
         self._count_kernel(device)
         self.datapath = Datapath.RELAY
-        self._watch()
         now = monotonic_ns()
         triggers, eois = drain_eventfd(self.trigger_fd), drain_eventfd(self.eoi_fd)
         self._act(self.channel.from_kernel(triggers, eois, now), now)
-        _DEVICE_LOG.debug("on the relay", device=self.name)
 
     def _when_routed(self, device: IntxDevice, routed: asyncio.Future[Any] | None,
                      then: Callable[[], None]) -> None:
@@ -687,17 +690,17 @@ class DeviceRunner:
             return
         self._routing = routed
 
-        @_owning
-        def applied(runner: DeviceRunner) -> None:
-            runner._routing = None
-            if not routed.cancelled() and routed.exception() is None:
-                then()
-                runner._reroute()
-
         def done(_: asyncio.Future[Any]) -> None:
             if self._routing is routed and self.device is device:
-                applied(self)
+                self._routed(routed, then)
         routed.add_done_callback(done)
+
+    @_owning
+    def _routed(self, routed: asyncio.Future[Any], then: Callable[[], None]) -> None:
+        self._routing = None
+        if not routed.cancelled() and routed.exception() is None:
+            then()
+            self._reroute()
 
     def _count_kernel(self, device: IntxDevice) -> None:
         """Add what the device counted on the kernel's path since last asked."""
@@ -724,9 +727,11 @@ class DeviceRunner:
         self._reroute()
 
     @_owning
-    def observe(self, duration: int) -> None:
+    def observe(self, duration: int, opened_at: float | None = None) -> None:
         """Relay the device for ``duration`` ns, then return it to the kernel's path (if it
-        is wanted there): latencies and stuck EOIs are seen during the window."""
+        is wanted there): latencies and stuck EOIs are seen during the window.
+        ``opened_at``: the loop time a sampled window opened on (``SAMPLE_GRID``), so
+        that the windows opened together also close together."""
         now = monotonic_ns()
         if now + duration <= self._observing_until:
             return
@@ -734,8 +739,9 @@ class DeviceRunner:
         self.observations += 1
         if self._observe_timer is not None:
             self._observe_timer.cancel()
-        self._observe_timer = self.loop.call_later(duration * 1e-9 + TIMER_SLACK,
-                                                   self._observed)
+        opened = self.loop.time() if opened_at is None else opened_at
+        self._observe_timer = self.loop.call_at(opened + duration * 1e-9 + TIMER_SLACK,
+                                                self._observed)
         self._reroute()
 
     @_owning
@@ -746,19 +752,25 @@ class DeviceRunner:
 
     def _start_sampling(self) -> None:
         """``observe: {every, for}``: one window a period, the first at a random phase
-        (devices configured together do not all switch at once)."""
+        (devices configured together do not all switch at once), on ``SAMPLE_GRID``."""
         if self._sample_timer is None and self.config.observe is not None:
             every = self.config.observe.every * 1e-9
-            self._sample_timer = self.loop.call_later(random.uniform(0, every), self._sample)
+            self._schedule_sample(self.loop.time() + random.uniform(0, every))
 
-    def _sample(self) -> None:
+    def _schedule_sample(self, due: float) -> None:
+        """The window due at loop time ``due`` opens at the next tick of ``SAMPLE_GRID``;
+        the one after is due a period after ``due`` (so the mean period stays exact)."""
+        opens = math.ceil(due / SAMPLE_GRID) * SAMPLE_GRID
+        self._sample_timer = self.loop.call_at(opens, self._sample, due, opens)
+
+    def _sample(self, due: float, opened_at: float) -> None:
         observe = self.config.observe
         self._sample_timer = None
         if observe is None or self.wanted_datapath is not Datapath.KERNEL:
             return
-        self._sample_timer = self.loop.call_later(observe.every * 1e-9, self._sample)
+        self._schedule_sample(due + observe.every * 1e-9)
         if self.device is not None and self.consumer is not None:
-            self.observe(observe.window)
+            self.observe(observe.window, opened_at)
 
     def _end_sampling(self) -> None:
         if self._sample_timer is not None:

@@ -25,8 +25,11 @@ from eoid.errors import ProtocolError
 MAX_FDS = 8
 """The most fds one message may carry; a message with more is refused (``too_many_fds``)
 and the kernel discards the fds that did not fit."""
+BATCH_MAX_FDS = 64
+"""The most fds one message to a sim may carry: a batch of requests (``eoid.sim.backend``)."""
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux; Python 3.11 lacks the name
 NGROUPS_MAX = 65536
+_MSG_CTRUNC, _MSG_TRUNC = int(socket.MSG_CTRUNC), int(socket.MSG_TRUNC)  # (IntFlag ops are slow)
 
 
 def _no_constant(name: str) -> NoReturn:
@@ -75,15 +78,15 @@ def _closed_by_peer(sock: socket.socket) -> bool:
                for _, ev in poller.poll(0))
 
 
-def recv_msg(sock: socket.socket, max_bytes: int = 65536,
+def recv_msg(sock: socket.socket, max_bytes: int = 65536, max_fds: int = MAX_FDS,
              ) -> tuple[dict[str, Any], list[int]] | None:
     """Receive one message and any fds with it; None when the peer has closed.
 
     Raises ``ProtocolError`` for an oversized, malformed or empty message, or one with
-    more than ``MAX_FDS`` fds; fds that came with such a message are closed, so a bad
+    more than ``max_fds`` fds; fds that came with such a message are closed, so a bad
     peer cannot leak descriptors into us.
     """
-    data, ancdata, flags, _ = sock.recvmsg(max_bytes + 1, socket.CMSG_SPACE(MAX_FDS * 4),
+    data, ancdata, flags, _ = sock.recvmsg(max_bytes + 1, socket.CMSG_SPACE(max_fds * 4),
                                            socket.MSG_CMSG_CLOEXEC)
     fds: list[int] = []
     try:
@@ -92,9 +95,9 @@ def recv_msg(sock: socket.socket, max_bytes: int = 65536,
                 got = array.array("i")
                 got.frombytes(payload[:len(payload) - len(payload) % got.itemsize])
                 fds.extend(got)
-        if flags & socket.MSG_CTRUNC:
-            raise ProtocolError("too_many_fds", f"a message may carry at most {MAX_FDS} fds")
-        if flags & socket.MSG_TRUNC or len(data) > max_bytes:
+        if flags & _MSG_CTRUNC:
+            raise ProtocolError("too_many_fds", f"a message may carry at most {max_fds} fds")
+        if flags & _MSG_TRUNC or len(data) > max_bytes:
             raise ProtocolError("too_large", f"message larger than {max_bytes} bytes")
         if not data and not fds:
             if _closed_by_peer(sock):

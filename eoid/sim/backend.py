@@ -41,10 +41,11 @@ from eoid.errors import DeviceError, EoidError, ProtocolError
 from eoid.fdstore import FdStore, sim_fd_name
 from eoid.sim.outbox import Outbox
 from eoid.systemd import close_all
-from eoid.wire import recv_msg
+from eoid.wire import BATCH_MAX_FDS, recv_msg
 
 REQUEST_TIMEOUT = 0.5  # seconds a sim may stay silent on a request (eoi_timeout: 2 s default)
 READ_BATCH = 64  # messages read per wake-up, so one busy sim cannot hold the loop
+BATCH_MAX_REQUESTS = 64  # requests in one ``batch`` message (each well under 512 bytes)
 
 _LOG = structlog.get_logger("eoid.sim")
 
@@ -136,6 +137,8 @@ class SimConnection:
         # ids unique to this process: a stored connection may still carry the replies
         # to a previous eoid's requests
         self._ids = itertools.count(os.getpid() << 32)
+        # requests made in this turn of the loop, with copies of their fds (``_send_batch``)
+        self._batch: list[tuple[dict[str, Any], list[int]]] = []
         # in-flight requests, oldest first: (reply, made at, device, op)
         self._pending: dict[int, tuple[asyncio.Future[dict[str, Any]], float, str, str]] = {}
         self._heard = 0.0  # loop time of the sim's last message
@@ -174,8 +177,34 @@ class SimConnection:
         future.add_done_callback(lambda _: self._pending.pop(ident, None))
         if self._timer is None:
             self._timer = self.loop.call_later(REQUEST_TIMEOUT, self._expire)
-        self._outbox.send({"op": op, "id": ident, **fields}, fds)
+        if not self._batch:
+            self.loop.call_soon(self._send_batch)
+        self._batch.append(({"op": op, "id": ident, **fields}, [os.dup(fd) for fd in fds]))
         return future
+
+    def _send_batch(self) -> None:
+        """Send the requests made since the last call: one alone as it is, several (the
+        observation windows of many devices open on one tick) as ``batch`` messages of up
+        to ``BATCH_MAX_FDS`` fds and ``BATCH_MAX_REQUESTS`` requests (well within a
+        message's 64 KiB), which the sim answers with one ``replies`` message each: a
+        message and a wake-up of either side for many switches, not one per switch."""
+        batch, self._batch = self._batch, []
+        while batch:
+            size, fds = 0, 0
+            while size < min(len(batch), BATCH_MAX_REQUESTS) \
+                    and fds + len(batch[size][1]) <= BATCH_MAX_FDS:
+                fds += len(batch[size][1])
+                size += 1
+            chunk, batch = batch[:max(size, 1)], batch[max(size, 1):]
+            if self.sock is not None:  # (else shut: the requests failed with it)
+                if len(chunk) == 1:
+                    self._outbox.send(*chunk[0])
+                else:
+                    self._outbox.send(
+                        {"op": "batch", "requests": [{**m, "fds": len(f)} for m, f in chunk]},
+                        [fd for _, f in chunk for fd in f])
+            for _, f in chunk:
+                close_all(f)  # (the outbox keeps copies of what it cannot send yet)
 
     def send(self, name: str, op: str, fds: tuple[int, ...] = (), **fields: Any) -> None:
         """A request whose answer changes nothing for the daemon (``disable``, ``close``):
@@ -206,6 +235,7 @@ class SimConnection:
     def shut(self) -> None:
         if self.sock is None:
             return
+        self._send_batch()  # what was asked before the close goes out before it
         self._outbox.close()
         with contextlib.suppress(ValueError, OSError):
             self.loop.remove_reader(self.sock.fileno())
@@ -242,17 +272,23 @@ class SimConnection:
             if "event" in message:
                 self._route(message)
                 continue
-            ident = message.get("id")
-            entry = self._pending.get(ident) if isinstance(ident, int) else None
-            if entry is None or entry[0].done():
-                continue  # the late answer to a request that timed out
-            future, _, name, op = entry
-            if message.get("ok"):
-                future.set_result(message)
-            else:
-                error = message.get("error")
-                text = error.get("message") if isinstance(error, dict) else error
-                future.set_exception(SimRequestError(name, op, str(text)))
+            replies = message.get("replies")  # to a batch
+            for reply in replies if isinstance(replies, list) else (message,):
+                if isinstance(reply, dict):
+                    self._answer(reply)
+
+    def _answer(self, reply: dict[str, Any]) -> None:
+        ident = reply.get("id")
+        entry = self._pending.get(ident) if isinstance(ident, int) else None
+        if entry is None or entry[0].done():
+            return  # the late answer to a request that timed out
+        future, _, name, op = entry
+        if reply.get("ok"):
+            future.set_result(reply)
+        else:
+            error = reply.get("error")
+            text = error.get("message") if isinstance(error, dict) else error
+            future.set_exception(SimRequestError(name, op, str(text)))
 
     def _send_failed(self, error: OSError) -> None:
         if error.errno in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN):

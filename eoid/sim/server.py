@@ -42,7 +42,7 @@ from eoid.sim.line import SimLine
 from eoid.sim.outbox import Outbox
 from eoid.stats import Histogram
 from eoid.systemd import close_all
-from eoid.wire import recv_msg, send_msg
+from eoid.wire import BATCH_MAX_FDS, recv_msg, send_msg
 
 TICK = 0.001  # load generator resolution: events due are raised in one batch per tick
 TICK_PER_LINE = 10e-6  # ...but longer with many lines: a tick visits them all (1024: 10 ms)
@@ -378,7 +378,7 @@ class SimServer:
             if conn not in self._conns:
                 return
             try:
-                received = recv_msg(conn)
+                received = recv_msg(conn, max_fds=BATCH_MAX_FDS)
             except (BlockingIOError, InterruptedError):
                 return
             except (OSError, ProtocolError):
@@ -387,13 +387,37 @@ class SimServer:
                 self._drop(conn)
                 return
             message, fds = received
-            try:
-                reply = self._handle(conn, message, fds)
-            except ProtocolError as e:
-                reply = {"ok": False, "error": {"code": e.code, "message": str(e)}}
-            if "id" in message:
-                reply["id"] = message["id"]
-            self._outboxes[conn].send(reply)
+            if message.get("op") == "batch":
+                self._outboxes[conn].send({"replies": self._batch(conn, message, fds)})
+            else:
+                self._outboxes[conn].send(self._answer(conn, message, fds))
+
+    def _batch(self, conn: socket.socket, message: dict[str, Any], fds: list[int],
+               ) -> list[dict[str, Any]]:
+        """A daemon's requests of one turn of its loop, each with ``fds`` of the message's
+        fds in turn (``SimConnection._send_batch``): answered in turn, in one message."""
+        requests = message.get("requests")
+        if not isinstance(requests, list) or not all(
+                isinstance(r, dict) and type(r.get("fds")) is int and r["fds"] >= 0
+                for r in requests) or sum(r["fds"] for r in requests) != len(fds):
+            close_all(fds)
+            return [{"ok": False, "error": {"code": "bad_request", "message":
+                                            "a batch is a list of requests and their fds"}}]
+        replies, at = [], 0
+        for request in requests:
+            replies.append(self._answer(conn, request, fds[at:at + request["fds"]]))
+            at += request["fds"]
+        return replies
+
+    def _answer(self, conn: socket.socket, message: dict[str, Any], fds: list[int],
+                ) -> dict[str, Any]:
+        try:
+            reply = self._handle(conn, message, fds)
+        except ProtocolError as e:
+            reply = {"ok": False, "error": {"code": e.code, "message": str(e)}}
+        if "id" in message:
+            reply["id"] = message["id"]
+        return reply
 
     def _handle(self, conn: socket.socket, msg: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         """Answer one request; the fds that came with it are ours to keep or close."""

@@ -74,6 +74,8 @@ def test_datapath_and_observe_commands_move_a_live_device(env: Env) -> None:
         watched = env.command("observe", "dev0", "--for", "1s")
         assert watched.returncode == 0, watched.stderr
         assert "observing" in watched.stdout
+        # (the reply may come before the sim has applied the switch: "moving to")
+        wait_until(lambda: env.device("dev0")["datapath"] == "relay", 5, "on the relay")
         round_trips(env, vm, "dev0", 5)  # relayed, timed
         assert counter(env, "eoid_interrupts_total", "dev0") == 5
         assert env.scrape()["eoid_interrupt_service_seconds_count"][(("device", "dev0"),)] == 5

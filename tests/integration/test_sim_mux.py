@@ -9,18 +9,22 @@ from __future__ import annotations
 
 import asyncio
 import os
+import select
 import signal
+import socket
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
+from typing import Any
 
 import pytest
 
 from eoid.device import DeviceEvent
 from eoid.errors import DeviceError
 from eoid.fdstore import sim_fd_name
-from eoid.sim.backend import REQUEST_TIMEOUT, SimConnections, SimDevice
+from eoid.sim.backend import BATCH_MAX_REQUESTS, REQUEST_TIMEOUT, SimConnections, SimDevice
 from eoid.testing import FakeSystemd
+from eoid.wire import peer_credentials, recv_msg, send_msg
 from tests.helpers import Consumer, Env, environment, wait_until
 from tests.integration.test_restart import Supervised
 
@@ -238,3 +242,79 @@ def test_a_frozen_sim_fails_a_request_without_blocking_and_the_device_goes(backe
         os.kill(sim.pid, signal.SIGCONT)
     other = backend.open("dev1")  # the sim answers again, on the same connection
     assert other.conn is device.conn
+
+
+def test_requests_of_one_turn_travel_as_one_batch_and_are_answered_in_one(
+        backend: Backend) -> None:
+    """The observation windows of many devices open on one tick (``runner.SAMPLE_GRID``):
+    their routes go to the sim as one message, and come back as one."""
+    devices = [backend.open(line) for line in LINES]
+    conn = devices[0].conn
+    assert conn.sock is not None
+    sent: list[tuple[dict[str, object], int]] = []
+    send = conn._outbox.send
+
+    def counting(message: dict[str, object], fds: list[int] | tuple[int, ...] = ()) -> None:
+        sent.append((message, len(fds)))
+        send(message, fds)
+    conn._outbox.send = counting  # type: ignore[method-assign]
+    consumer = {line: (os.eventfd(0, os.EFD_NONBLOCK), os.eventfd(0, os.EFD_NONBLOCK))
+                for line in LINES}
+    try:
+        routed = [d.route(*consumer[d.name]) for d in devices]  # one turn of the loop
+        backend.loop.run_until_complete(asyncio.gather(*routed))
+        assert [(m["op"], n) for m, n in sent] == [("batch", 6)]
+        assert all(r.result()["ok"] and r.result()["kernel_fires"] == 0 for r in routed)
+        backend.env.sim("raise", line="dev1")  # on the kernel's path: the consumer's irq
+        assert select.select([consumer["dev1"][0]], [], [], 5)[0], "no irq on the kernel path"
+        assert os.eventfd_read(consumer["dev1"][0]) == 1
+        back = [d.route(backend.triggers[d.name], None) for d in devices]
+        backend.loop.run_until_complete(asyncio.gather(*back))
+        assert back[1].result()["kernel_fires"] == 1
+    finally:
+        for fds in consumer.values():
+            for fd in fds:
+                os.close(fd)
+
+
+def test_a_long_turn_is_sent_in_batches_of_bounded_size(backend: Backend) -> None:
+    """1024 devices opening or closing in one turn: messages of at most 64 requests."""
+    device = backend.open("dev0")
+    sent: list[int] = []
+    send = device.conn._outbox.send
+
+    def counting(message: dict[str, Any], fds: list[int] | tuple[int, ...] = ()) -> None:
+        sent.append(len(message.get("requests", [message])))
+        send(message, fds)
+    device.conn._outbox.send = counting  # type: ignore[method-assign]
+    pings = [device.conn.request("dev0", "ping") for _ in range(200)]
+    backend.loop.run_until_complete(asyncio.gather(*pings))
+    assert sent == [BATCH_MAX_REQUESTS] * 3 + [200 - 3 * BATCH_MAX_REQUESTS]
+
+
+def test_a_batch_that_miscounts_its_fds_is_refused_and_they_are_closed(sim_env: Env) -> None:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sock.connect(str(sim_env.sim_socket))
+    sim_pid = peer_credentials(sock)[0]
+
+    def eventfds() -> int:
+        return sum("eventfd" in os.readlink(f"/proc/{sim_pid}/fd/{fd}")
+                   for fd in os.listdir(f"/proc/{sim_pid}/fd"))
+    before = eventfds()
+    fds = [os.eventfd(0) for _ in range(3)]
+    try:
+        for requests in ([{"op": "ping", "id": 1, "fds": 1}],  # 3 fds sent
+                         [{"op": "ping", "id": 1, "fds": "3"}], "no", [1, 2, 3]):
+            send_msg(sock, {"op": "batch", "requests": requests}, fds)
+            reply = recv_msg(sock)
+            assert reply is not None
+            (answer,) = reply[0]["replies"]
+            assert answer["ok"] is False and answer["error"]["code"] == "bad_request"
+        send_msg(sock, {"op": "ping", "id": 7})  # the connection still works
+        reply = recv_msg(sock)
+        assert reply is not None and reply[0]["id"] == 7 and reply[0]["ok"]
+    finally:
+        for fd in fds:
+            os.close(fd)
+        sock.close()
+    assert eventfds() == before  # the sim kept none of the 12 it was sent

@@ -159,7 +159,7 @@ def test_epoll_ctl_add_fails_and_the_loop_keeps_the_device(rig: Rig, count: int)
     fast = rig.runner._fast
     assert fast is not None
     fast.reclaim()  # the next lend adds the fds again: that is what fails
-    rig.runner._watch()
+    rig.runner._sync_readers()
     with capture_logs() as logs:
         rig.fp.inject_fault("epoll_ctl", count, errno.ENOMEM)
         rig.round_trips(ROUNDS)

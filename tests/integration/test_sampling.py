@@ -1,0 +1,76 @@
+"""Sampled observation at scale (issue 12): windows open on a shared grid of loop time
+(``runner.SAMPLE_GRID``), so the windows of many devices open and close in a few wake-ups
+of the loop rather than one each. In-process daemon (``run_server``), real sim, sockets."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from eoid.config import Config, load_config
+from eoid.control import ControlClient
+from eoid.runner import SAMPLE_GRID, DeviceRunner
+from eoid.testing import run_server
+
+DEVICES = 24
+
+
+@pytest.fixture
+def config() -> Iterator[Config]:
+    root = Path(tempfile.mkdtemp(prefix="eoid-g", dir="/tmp"))
+    try:
+        (root / "devices.d").mkdir()
+        (root / "eoid.yaml").write_text(
+            f"control: {{socket: {root}/control.sock}}\nmetrics: {{listen: null}}\n"
+            f"sim: {{socket: {root}/sim.sock}}\nlog: {{level: warning}}\n")
+        for n in range(DEVICES):
+            (root / "devices.d" / f"d{n:02d}.yaml").write_text(
+                f"pci_address: '0000:01:{n:02x}.0'\nbackend: {{type: sim}}\n"
+                "datapath: kernel\nobserve: {every: 2s, for: 300ms}\n")
+        yield load_config(root / "eoid.yaml")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_sampled_windows_open_and_close_together_on_the_grid(config: Config) -> None:
+    opened: list[tuple[str, float]] = []
+    closed: list[tuple[str, float]] = []
+    with run_server(config) as served:
+        runners: list[DeviceRunner] = served.call(lambda: list(served.daemon.runners.values()))
+        for r in runners:  # record the loop time of each window's ends, on the loop
+            def watch(r: DeviceRunner = r) -> None:
+                observe, observed = r.observe, r._observed
+
+                def opening(duration: int, opened_at: float | None = None) -> None:
+                    opened.append((r.name, r.loop.time()))
+                    observe(duration, opened_at)
+
+                def closing() -> None:
+                    closed.append((r.name, r.loop.time()))
+                    observed()
+                r.observe, r._observed = opening, closing  # type: ignore[method-assign]
+            served.call(watch)
+        with ControlClient(served.control, timeout=10) as client:
+            held = [client.request("attach", device=r.name)[1] for r in runners]
+            time.sleep(2 * 2.0 + 1.0)  # two periods and a window
+            first = served.call(lambda: [(r.name, r.datapath.value) for r in runners])
+            for fds in held:
+                for fd in fds:
+                    os.close(fd)
+    assert len({name for name, _ in opened}) == DEVICES, opened  # every device sampled
+    ticks = {round(t / SAMPLE_GRID) for _, t in opened}
+    for _, t in opened:  # on a tick of the grid (uvloop's clock has 1 ms steps)
+        assert abs(t - round(t / SAMPLE_GRID) * SAMPLE_GRID) < 0.05, t
+    # 24 devices, a 2 s period: their windows open on at most 2 ticks a period
+    assert len(ticks) <= 6, sorted(ticks)
+    for name, t in closed:  # each window lasted its 300 ms, so they close together too
+        start = max(s for n, s in opened if n == name and s < t)
+        assert 0.29 <= t - start < 0.35, (name, t - start)
+        assert round(start / SAMPLE_GRID) in ticks
+    assert all(path in ("kernel", "relay") for _, path in first)
