@@ -276,10 +276,21 @@ class Daemon:
         self.opener.down(runner)
 
     def _reopen_device(self, runner: DeviceRunner, reason: str) -> None:
-        """Close an open device and open it afresh (its eventfds and consumer stay)."""
+        """Start a device over (its eventfds and consumer stay). An open VFIO device is
+        restarted in place (``DeviceRunner.restart``: its consumer may hold a copy of the
+        device fd, which keeps the group open in the kernel); others, and a VFIO device
+        whose restart failed, are closed and opened afresh."""
         if runner.device is not None:
             held = list(runner.device.held_fds())
-            runner.stop(reason)
+            if runner.config.backend.type == "vfio":
+                try:
+                    runner.restart(reason)
+                    return
+                except EoidError as e:
+                    self._log.warning("device restart failed; opening it again",
+                                      device=runner.name, error=str(e))
+            if runner.device is not None:
+                runner.stop(reason)
             for role in held:
                 self.store.remove(device_fd_name(runner.name, role))
         self.opener.open(runner)

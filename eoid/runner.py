@@ -285,6 +285,26 @@ class DeviceRunner:
                        pci_address=device.info.pci_address, adopted=False)
         self._reroute()
 
+    @_owning
+    def restart(self, reason: str) -> None:
+        """Start the open device over without closing it (``eoid reset``, a reload after a
+        fault): off the kernel's path, faults cleared, the channel armed afresh (a line
+        still asserted fires again). For a backend that routes synchronously (vfio): a
+        VFIO group cannot be opened again while any copy of its device fd lives, and the
+        consumer may hold one (``share_device_fd``), so closing and reopening would fail."""
+        device = self.device
+        if device is None:
+            return
+        self.stop(reason, release=False)
+        try:
+            routed = device.route(self.trigger_fd, None)
+        except DeviceError as e:
+            self.device = device
+            self.stop(f"restart failed: {e}")
+            raise
+        assert routed is None, "restart needs a backend that routes synchronously"
+        self.start(device)
+
     def _adopt(self) -> None:
         """The adopted line is on eoid's trigger: take it over from what the eventfds hold."""
         now = monotonic_ns()

@@ -61,7 +61,8 @@ _HINTS: Final[dict[tuple[str, int], str]] = {
     ("open group", errno.EBUSY):
         "the group is already open in another process (a VMM, or another eoid): a VFIO "
         "group can be open in one process only; let eoid own the device and hand the VMM "
-        "its fd (backend.share_device_fd), or stop the other user",
+        "its fd (backend.share_device_fd), or stop the other user; a copy of one of its "
+        "device fds (a consumer's, with share_device_fd) also keeps the group open",
     ("open group", errno.EACCES): "permission denied: run eoid as root or give it the node",
     ("open group", errno.EPERM): "permission denied (no-IOMMU groups need CAP_SYS_RAWIO)",
     ("set container", errno.EBUSY):

@@ -23,6 +23,9 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "nointxmask: needs vfio_pci.nointxmask=1 (run-vfio-tests boots a second "
         "guest for these)")
+    config.addinivalue_line(
+        "markers", "pcie: needs devices behind PCIe root ports and QEMU's monitor (run-vfio-tests "
+        "boots a third guest with VM_PCIE and VM_MONITOR for these)")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

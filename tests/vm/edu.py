@@ -78,9 +78,18 @@ def physical_command(address: str) -> int:
         return int.from_bytes(f.read(2), "little")
 
 
-class EduLine:
-    """The edu behind a daemon's device, driven through the device fd the daemon shared
-    with its consumer (``share_device_fd``)."""
+def pci_status(address: str) -> int:
+    """PCI_STATUS as the hardware has it: bit 3 (``PCI_STATUS_INTERRUPT``) is the INTx
+    level the function asserts, masked or not."""
+    with (SYS / "bus" / "pci" / "devices" / address / "config").open("rb") as f:
+        f.seek(uapi.PCI_STATUS)
+        return int.from_bytes(f.read(2), "little")
+
+
+class FdLine:
+    """A device behind a daemon's device, driven through the device fd the daemon shared
+    with its consumer (``share_device_fd``), as a VMM would: memory decode on, DisINTx
+    off."""
 
     def __init__(self, device_fd: int) -> None:
         api = uapi.KernelVfio()
@@ -91,6 +100,10 @@ class EduLine:
         os.pwrite(device_fd, ((command | uapi.PCI_COMMAND_MEMORY)
                               & ~uapi.PCI_COMMAND_INTX_DISABLE).to_bytes(2, "little"),
                   config + uapi.PCI_COMMAND)
+
+
+class EduLine(FdLine):
+    """The edu's interrupt through a shared device fd."""
 
     def raise_(self) -> None:
         os.pwrite(self.fd, struct.pack("<I", 1), self.bar0 + EDU_IRQ_RAISE)

@@ -203,8 +203,9 @@ def test_reset_recovers_an_edu_holding_an_interrupt_for_nobody(
     kernel's sysfs `reset` says) and reopen re-arms it: the line fires again at once and
     the next consumer services it; then it relays as ever.
 
-    The edu is conventional PCI, so vfio-pci gives it no ERR irq (`err_irq: no`): the
-    device-error fault cannot happen on it, only in the sim (tests/integration/test_faults.py).
+    On the root bus the edu has no reset method, so this is the reopen path only; the real
+    reset and a real device error (AER) are in test_vfio_pcie.py, on devices behind PCIe
+    root ports.
     """
     address = edus[0]
     config = daemon.root / "devices.d" / "edu0.yaml"
