@@ -213,7 +213,8 @@ def test_device_request_releases_the_device(env: Env) -> None:
     with Consumer(env.control, "dev1") as vm:
         env.sim("request", line="dev1")  # as vfio-pci does on unbind
         wait_until(lambda: not env.device("dev1")["up"], what="released")
-        assert not env.sim("stats")["lines"]["dev1"]["enabled"]
+        # (the sim takes the daemon's disable on its own connection, in its own time)
+        wait_until(lambda: not env.sim("stats")["lines"]["dev1"]["enabled"], 5, "disabled")
         msg = recv_msg(vm.client.sock)
         assert msg is not None and msg[0]["event"] == "device_down"
         assert "host asked" in msg[0]["reason"]
@@ -232,7 +233,7 @@ def test_status_command_and_sigterm_shutdown(env: Env) -> None:
             events.append(msg[0].get("event"))
     assert "shutdown" in events
     assert not env.control.exists()
-    assert not env.sim("stats")["lines"]["dev0"]["enabled"]  # trigger disabled
+    wait_until(lambda: not env.sim("stats")["lines"]["dev0"]["enabled"], 5, "disabled")
 
 
 def test_status_against_no_daemon_exits_unavailable(tmp_path: object) -> None:
