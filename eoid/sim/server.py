@@ -10,7 +10,10 @@ of lines), ``quiesce``, ``raise``, ``request``, ``set`` and ``ping``.
 One daemon connection serves any number of lines: ``open``, ``enable``, ``mask``,
 ``disable`` and ``close`` name their ``line``, events (``{"event": "request", "line": …}``)
 name theirs, and a reply echoes the request's ``id``. A connection that closes takes
-its lines down, as closing a VFIO device fd does.
+its lines down, as closing a VFIO device fd does. The requests a daemon makes in one turn
+of its loop come as one ``batch`` (``{"op": "batch", "requests": [{…, "fds": n}, …]}``,
+the fds of each in turn, at most ``BATCH_MAX_FDS``) and are answered in one message,
+``{"replies": [...]}``: observation windows opening together cost one message each way.
 
 Nothing here waits on the daemon: requests are read as they come and answered through
 an ``Outbox`` (a daemon that reads slowly gets its replies later, not never), and a
