@@ -18,13 +18,13 @@ import pytest
 
 from eoid.control import ControlClient, wait_for_socket
 from tests.helpers import Consumer, Env, environment, wait_until
+from tests.vm.daemon import STARTUP, serving
 from tests.vm.edu import EduLine, bind_vfio, driver_of, unbind_in_background
 
 pytestmark = pytest.mark.vfio
 
 QUIET = 0.3
 WAIT = 5.0
-STARTUP = 90.0
 POLICY = "policy: {eoi_timeout: 60s}\n"  # no timeout policy may act during a scenario
 
 
@@ -46,15 +46,8 @@ def daemon(edus: list[str]) -> Iterator[Env]:
         proc = env.eoid("run", "-c", str(env.config), log="daemon.log")
         assert wait_for_socket(env.sim_socket, STARTUP, lambda: sim.poll() is None), \
             env.log("sim")
-        assert wait_for_socket(env.control, STARTUP, lambda: proc.poll() is None), \
-            env.log("daemon")
-        wait_until(lambda: all(d["up"] for d in env.status()["devices"]), STARTUP,
-                   "devices up")
-        try:
+        with serving(env, proc):
             yield env
-        finally:
-            env.stop()
-            assert proc.returncode == 0, env.log("daemon")
 
 
 class Line(Protocol):

@@ -17,17 +17,17 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from eoid.control import ControlClient, wait_for_socket
+from eoid.control import ControlClient
 from eoid.vfio import sysfs
 from eoid.vfio.procirq import IrqCounter
 from tests.helpers import Consumer, Env, environment, wait_until
+from tests.vm.daemon import serving
 from tests.vm.edu import EduLine
 
 pytestmark = pytest.mark.vfio
 
 WAIT = 5.0
 QUIET = 0.3
-STARTUP = 90.0
 # no timeout may act in a scenario; the storm policy must not throttle a busy test loop
 POLICY = "policy: {eoi_timeout: 60s, storm: {max_rate: 1000000, burst: 1000000}}\n"
 NAMES = ("edu0", "edu1")
@@ -42,15 +42,8 @@ def daemon(edus: list[str], request: pytest.FixtureRequest) -> Iterator[Env]:
                 f"pci_address: '{address}'\nbackend: {{type: vfio, share_device_fd: true}}\n"
                 "datapath: kernel\n" + POLICY)
         proc = env.eoid("run", "-c", str(env.config), log="daemon.log")
-        assert wait_for_socket(env.control, STARTUP, lambda: proc.poll() is None), \
-            env.log("daemon")
-        wait_until(lambda: all(d["up"] for d in env.status()["devices"]), STARTUP,
-                   "devices up")
-        try:
+        with serving(env, proc):
             yield env
-        finally:
-            env.stop()
-            assert proc.returncode == 0, env.log("daemon")
 
 
 def counter(env: Env, metric: str, device: str) -> float:

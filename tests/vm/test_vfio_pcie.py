@@ -21,11 +21,12 @@ from pathlib import Path
 
 import pytest
 
-from eoid.control import ControlClient, wait_for_socket
+from eoid.control import ControlClient
 from eoid.vfio import uapi
 from eoid.vfio.device import open_vfio_device
 from eoid.wire import recv_msg
 from tests.helpers import Consumer, Env, environment, wait_until
+from tests.vm.daemon import serving
 from tests.vm.e1000e import NicLine, find_e1000e
 from tests.vm.edu import (
     EDU_IRQ_STATUS,
@@ -43,7 +44,6 @@ pytestmark = [pytest.mark.vfio, pytest.mark.pcie]
 
 QUIET = 0.3
 WAIT = 5.0
-STARTUP = 90.0
 EDU_LIVENESS = 0x04  # reads back the complement of what was written
 POLICY = "policy: {eoi_timeout: 60s}\n"
 
@@ -132,15 +132,8 @@ def daemon(ported_edu: str, nic: str) -> Iterator[Env]:
                 f"pci_address: '{address}'\nbackend: {{type: vfio, share_device_fd: true}}\n"
                 + POLICY)
         proc = env.eoid("run", "-c", str(env.config), log="daemon.log")
-        assert wait_for_socket(env.control, STARTUP, lambda: proc.poll() is None), \
-            env.log("daemon")
-        wait_until(lambda: all(d["up"] for d in env.status()["devices"]), STARTUP,
-                   "devices up")
-        try:
+        with serving(env, proc):
             yield env
-        finally:
-            env.stop()
-            assert proc.returncode == 0, env.log("daemon")
 
 
 def relays_once(vm: Consumer, line: EduLine | NicLine) -> None:
