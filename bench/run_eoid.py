@@ -61,7 +61,7 @@ class _Line:
 @dataclass
 class _Reply:
     """A reply the stand-in owes on ``sock``, sent in turn once the pump has applied the
-    ``waiting`` routes it answers (``message``: one reply, or a batch's ``replies``)."""
+    route it answers (``waiting``), with the replies ready next to it (``_flush``)."""
 
     sock: socket.socket
     message: dict[str, Any]
@@ -208,18 +208,16 @@ class SimStandIn:
             if len(data) != 4:
                 self._unlink_pump()
                 break
-            entry, reply, line = self._routing.popleft()
-            reply["kernel_fires"] = self.kernel_fires(self._by_index[line.index])
-            entry.waiting -= 1
-            ready.add(entry.sock)
+            ready.add(self._applied(*self._routing.popleft()))
             flags = socket.MSG_DONTWAIT
         for sock in ready:
             self._flush(sock)
 
-    def _complete(self, entry: _Reply, reply: dict[str, Any], line: _Line) -> None:
+    def _applied(self, entry: _Reply, reply: dict[str, Any], line: _Line) -> socket.socket:
+        """A route is in place: its reply says the count; the socket it goes out on."""
         reply["kernel_fires"] = self.kernel_fires(self._by_index[line.index])
         entry.waiting -= 1
-        self._flush(entry.sock)
+        return entry.sock
 
     def _flush(self, sock: socket.socket) -> None:
         """Send the replies that are ready, in order: several in one ``replies`` message,
@@ -244,7 +242,7 @@ class SimStandIn:
         self._pump.close()
         self._pump = None
         while self._routing:
-            self._complete(*self._routing.popleft())
+            self._flush(self._applied(*self._routing.popleft()))
 
     def connect_pump(self, consumer_fds: dict[str, tuple[int, int]],
                      ) -> tuple[list[tuple[int, int, int, int, int]], socket.socket, int]:
