@@ -5,11 +5,25 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 BOTH_MODES = {"test_daemon.py", "test_restart.py", "test_fastpath_daemon.py"}
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    """Short paths (unix sockets: 108 bytes) that other users can reach."""
+    root = Path(tempfile.mkdtemp(prefix="eoid-w", dir="/tmp"))
+    root.chmod(0o755)
+    try:
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

@@ -8,12 +8,10 @@ import json
 import os
 import re
 import select
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -33,16 +31,6 @@ ROOT = Path(__file__).resolve().parents[2]
 NOBODY = 65534
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to connect as other users")
 
-
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    """Short paths (unix sockets: 108 bytes) that other users can reach."""
-    root = Path(tempfile.mkdtemp(prefix="eoid-c", dir="/tmp"))
-    root.chmod(0o755)
-    try:
-        yield root
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def write_config(root: Path, devices: int = 2, control: str = "", device: str = "") -> Config:

@@ -5,37 +5,24 @@ of the loop rather than one each. In-process daemon (``run_server``), real sim, 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from eoid.config import Config, load_config
+from eoid.config import Config
 from eoid.control import ControlClient
 from eoid.runner import SAMPLE_GRID, DeviceRunner
 from eoid.testing import run_server
+from tests.integration.test_status import write_config
 
 DEVICES = 24
 
 
 @pytest.fixture
-def config() -> Iterator[Config]:
-    root = Path(tempfile.mkdtemp(prefix="eoid-g", dir="/tmp"))
-    try:
-        (root / "devices.d").mkdir()
-        (root / "eoid.yaml").write_text(
-            f"control: {{socket: {root}/control.sock}}\nmetrics: {{listen: null}}\n"
-            f"sim: {{socket: {root}/sim.sock}}\nlog: {{level: warning}}\n")
-        for n in range(DEVICES):
-            (root / "devices.d" / f"d{n:02d}.yaml").write_text(
-                f"pci_address: '0000:01:{n:02x}.0'\nbackend: {{type: sim}}\n"
-                "datapath: kernel\nobserve: {every: 2s, for: 300ms}\n")
-        yield load_config(root / "eoid.yaml")
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+def config(workdir: Path) -> Config:
+    return write_config(workdir, DEVICES,
+                        device="datapath: kernel\nobserve: {every: 2s, for: 300ms}\n")
 
 
 def test_sampled_windows_open_and_close_together_on_the_grid(config: Config) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -33,15 +32,6 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to connect
 def pci(n: int) -> str:
     return f"0000:{1 + n // 32:02x}:{n % 32:02x}.0"
 
-
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    root = Path(tempfile.mkdtemp(prefix="eoid-s", dir="/tmp"))
-    root.chmod(0o755)
-    try:
-        yield root
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def write_config(root: Path, devices: int, device: str = "", control: str = "") -> Config:
