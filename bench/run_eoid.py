@@ -108,6 +108,15 @@ class SimStandIn:
         self._thread = threading.Thread(target=self._serve, name="sim-stand-in", daemon=True)
         self._thread.start()
 
+    def line_fds(self, name: str) -> tuple[int, int]:
+        """Copies of line ``name``'s trigger and unmask eventfds, for the caller to close.
+        Copies, taken under the lock: a ``route`` closes the stand-in's own fd and keeps
+        the new one it was sent, and a number read from ``lines`` without the lock may
+        by then be another fd (the 30-minute soak of 93379a5 fired another device)."""
+        with self._lock:
+            line = self.lines[name]
+            return os.dup(line.trigger), os.dup(line.unmask)
+
     def kernel_fires(self, name: str) -> int:
         return int(struct.unpack_from("Q", self._fires, 8 * self.lines[name].index)[0])
 

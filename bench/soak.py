@@ -252,10 +252,18 @@ class Harness:
         self.proc.wait()
         return self.spawn()
 
-    def quads(self) -> list[tuple[int, int, int, int]]:
+    def launch_pump(self, duration: float, *, drain: float,
+                    pump_args: Sequence[str] = ()) -> subprocess.Popen[str]:
+        """The paced pump on every loaded device's fds (the stand-in's taken as copies,
+        ``SimStandIn.line_fds``, closed once the pump has its own)."""
         assert self.sim is not None
-        return [(self.sim.lines[n].trigger, self.consumer_fds[n][0], self.consumer_fds[n][1],
-                 self.sim.lines[n].unmask) for n in self.names]
+        lines = {n: self.sim.line_fds(n) for n in self.names}
+        try:
+            return launch_pump([(lines[n][0], *self.consumer_fds[n], lines[n][1])
+                                for n in self.names], "paced", duration, self.opts.rate,
+                               drain=drain, pump_args=pump_args)
+        finally:
+            close_all([fd for pair in lines.values() for fd in pair])
 
     def status(self) -> dict[str, Any]:
         with ControlClient(self.control, timeout=self.opts.liveness_timeout) as client:
@@ -424,8 +432,7 @@ class Soak:
         self.started = time.monotonic()
         self.prober = Prober(h, self.started)
         self.prober.start()
-        self.pump = launch_pump(h.quads(), "paced", opts.duration, opts.rate, drain=_DRAIN,
-                                pump_args=("--level",))
+        self.pump = h.launch_pump(opts.duration, drain=_DRAIN, pump_args=("--level",))
         kill_at = [opts.duration * (i + 1) / (2 * opts.kills + 2) for i in range(opts.kills)]
         due = {"churn": opts.churn_every, "reload": opts.reload_every,
                "misbehave": opts.misbehave_every / 2}
@@ -527,10 +534,11 @@ class Soak:
         is the judge) and the device must work again once the consumer behaves."""
         h, bound = self.h, self.opts.liveness_timeout
         assert h.sim is not None and self.prober is not None
-        trigger, unmask = h.sim.lines[h.bad].trigger, h.sim.lines[h.bad].unmask
         with ControlClient(h.control, timeout=bound) as consumer:
-            fds = consumer.request("attach", device=h.bad)[1]
-            irq, eoi = fds[0], fds[1]
+            fds = [*consumer.request("attach", device=h.bad)[1], *h.sim.line_fds(h.bad)]
+            irq, eoi, trigger, unmask = fds[0], fds[1], fds[-2], fds[-1]
+            with contextlib.suppress(BlockingIOError):
+                _read_count(unmask)  # an unmask from before the episode is not its outcome
             flags = fcntl.fcntl(irq, fcntl.F_GETFL)
             try:
                 fcntl.fcntl(irq, fcntl.F_SETFL, flags & ~os.O_NONBLOCK)
@@ -662,7 +670,7 @@ class Soak:
                 raise SoakFailure(f"not armed with a consumer after the load: {loose[:8]}")
             time.sleep(0.1)
         before = h.scrape()
-        pump = launch_pump(h.quads(), "paced", opts.final_seconds, opts.rate, drain=10.0)
+        pump = h.launch_pump(opts.final_seconds, drain=10.0)
         out, _ = pump.communicate(timeout=opts.final_seconds + 60)
         load = parse_output("pump", pump, out)
         after = h.scrape()

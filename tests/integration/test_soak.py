@@ -13,7 +13,10 @@ from pathlib import Path
 import pytest
 
 from bench.run_baseline import launch_pump, parse_output
+from bench.run_eoid import SimStandIn
 from bench.soak import Harness, Options, Prober, Sample, fd_growth, resources, slope
+from eoid.systemd import close_all
+from eoid.wire import recv_msg, send_msg
 
 # Issue 10, finding 3: a consumer that clears O_NONBLOCK on its dup of the irq eventfd and
 # fills its count hung the daemon before the fix; the soak's misbehaving consumer does that
@@ -155,3 +158,34 @@ def test_resources_fit_rss_growth_per_hour_and_flag_leaking_fds() -> None:
     assert not resources(leaking, since=0.0, fd_tolerance=1)["fds_flat"]
     assert slope([(0, 1), (1, 3), (2, 5)]) == pytest.approx(2)
     assert slope([(1, 1)]) is None
+
+
+def test_the_stand_ins_line_fds_outlive_a_route(tmp_path: Path) -> None:
+    """The soak fires a line through ``SimStandIn.line_fds``: copies that stay the line's
+    eventfd when a route (every adoption after a restart sends one) makes the stand-in
+    close its own fd. The 30-minute soak of 93379a5 read the stand-in's fd number instead,
+    as a route was replacing it, and fired whatever fd had that number next."""
+    sim = SimStandIn(tmp_path / "sim.sock")
+    trigger, unmask = (os.eventfd(0, os.EFD_NONBLOCK) for _ in range(2))
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as daemon:
+            daemon.connect(str(tmp_path / "sim.sock"))
+            daemon.settimeout(5)
+            send_msg(daemon, {"op": "enable", "id": 1, "line": "x"}, [trigger, unmask])
+            assert recv_msg(daemon) == ({"ok": True, "id": 1}, [])
+            copies = sim.line_fds("x")
+            try:
+                before = sim.lines["x"].trigger
+                send_msg(daemon, {"op": "route", "id": 2, "line": "x"}, [trigger])
+                reply = recv_msg(daemon)
+                assert reply is not None and reply[0]["ok"] and reply[0]["id"] == 2
+                assert sim.lines["x"].trigger != before  # the stand-in's number changed
+                os.eventfd_write(copies[0], 1)
+                assert os.eventfd_read(trigger) == 1  # the copy is still the line's trigger
+                os.eventfd_write(unmask, 1)
+                assert os.eventfd_read(copies[1]) == 1
+            finally:
+                close_all(copies)
+    finally:
+        sim.close()
+        close_all([trigger, unmask])
