@@ -8,7 +8,9 @@
  * device, its trigger and EOI eventfds are in the lane's epoll set, not the event loop's,
  * and the lane runs the two transitions that make up nearly every interrupt without any
  * Python: ARMED --trigger--> PENDING (forward to the consumer) and PENDING --EOI--> ARMED
- * (spend a storm token, unmask); it also counts a spurious EOI (one while ARMED). It counts
+ * (spend a storm token, unmask); it also counts a spurious EOI (one while ARMED), and takes
+ * the trigger of a line taken over with its state unknown (``adopting``: PENDING, but a
+ * trigger means the line was armed, as from ARMED; its EOI is declined). It counts
  * what it does in the FastPath's own arrays (``counts``, a named Counts record).
  *
  * Anything else -- a trigger while not ARMED, a spurious EOI the policy unmasks for, a
@@ -73,6 +75,7 @@ enum { HANDLED, DECLINED, OWES_UNMASK, HANDLED_TELL };
 #define RESCUE_SIGNAL SIGURG   /* see guarded_write */
 #define RESCUE_AFTER_NS 50000000LL
 #define SENTINEL_PERIOD_NS 25000000L
+#define SENTINEL_QUIET_PERIODS 40 /* a second without a guarded write: the sentinel sleeps */
 
 /* --- injected faults (a test build: -DEOID_FAULT_INJECTION) ------------------------------ */
 
@@ -137,7 +140,7 @@ typedef struct {
     int64_t owed_unmask; /* ... whose EOI it read then */
     uint64_t carried;    /* a count read and not acted on (declined), for the runner */
     int carried_eoi;     /* ... read from eoi (else from trigger) */
-    int state;
+    int state, adopting; /* adopting: Channel.adopting (a trigger as from ARMED) */
     int64_t pending_since, timer_at, tat, backoff;
     int64_t eoi_timeout, interval, limit, half, backoff_initial, loop_timer_at;
     int unmask_on_spurious, has_policy;
@@ -168,6 +171,8 @@ struct Lane {
     pthread_cond_t stop_cond; /* wakes the sentinel at close(), with sentinel_mu */
     int stop_sentinel;
     Guard guards[2]; /* the lane's thread, and the event loop's (Lane.signal) */
+    uint64_t guarded;    /* atomic: guarded writes begun (see sentinel_main) */
+    int sentinel_asleep; /* atomic: the sentinel waits for the next guarded write */
     FastPath **slots; /* owned references */
     uint32_t *generations; /* bumped when a slot is freed: stale epoll events are skipped */
     uint32_t *handed_back; /* slots waiting for dispatch() */
@@ -259,7 +264,10 @@ static int nb_read(int fd, uint64_t *count)
  * shared with the backend that plays the kernel only, never with a consumer: no check,
  * as the runner's own unmask (SimDevice.unmask) writes it without one; still guarded.
  * Returns 0, or -1 with errno. */
-static int guarded_write(Guard *guard, int fd, uint64_t value, int64_t start, int shared)
+static void wake_sentinel(Lane *lane);
+
+static int guarded_write(Lane *lane, Guard *guard, int fd, uint64_t value, int64_t start,
+                         int shared)
 {
     if (FAULT(F_WRITE))
         return -1;
@@ -280,6 +288,7 @@ static int guarded_write(Guard *guard, int fd, uint64_t value, int64_t start, in
         __atomic_store_n(&guard->thread, pthread_self(), __ATOMIC_RELAXED); /* read by the
                                                     sentinel, which does not hold mu */
         __atomic_store_n(&guard->since, start, __ATOMIC_RELEASE);
+        wake_sentinel(lane);
     }
     ssize_t n = write(fd, &value, sizeof value);
     if (guard != NULL)
@@ -298,11 +307,38 @@ static void on_rescue(int sig)
     (void)sig; /* only there to interrupt a write (EINTR) */
 }
 
+/* A guarded write begins: count it, and wake the sentinel if it sleeps. Only the first
+ * write after a quiet second pays for that (a mutex and a futex wake); the others pay
+ * one atomic add. */
+static void wake_sentinel(Lane *lane)
+{
+    __atomic_add_fetch(&lane->guarded, 1, __ATOMIC_SEQ_CST);
+    if (!__atomic_load_n(&lane->sentinel_asleep, __ATOMIC_SEQ_CST))
+        return;
+    pthread_mutex_lock(&lane->sentinel_mu);
+    __atomic_store_n(&lane->sentinel_asleep, 0, __ATOMIC_SEQ_CST);
+    pthread_cond_signal(&lane->stop_cond);
+    pthread_mutex_unlock(&lane->sentinel_mu);
+}
+
+/* Every SENTINEL_PERIOD_NS, interrupt a guarded write older than RESCUE_AFTER_NS. After
+ * SENTINEL_QUIET_PERIODS without a guarded write (an idle daemon, or every device on the
+ * kernel's path) it sleeps until the next one begins (wake_sentinel), so that a quiet
+ * eoid does not wake 40 times a second. Going to sleep is a Dekker handshake with
+ * wake_sentinel (both sequentially consistent): the sentinel sets ``sentinel_asleep``,
+ * then reads ``guarded`` again; a writer adds to ``guarded``, then reads
+ * ``sentinel_asleep``: at least one of them sees the other, so no write goes unwatched. */
 static void *sentinel_main(void *arg)
 {
     Lane *lane = arg;
+    uint64_t seen = 0;
+    int quiet = 0;
     pthread_mutex_lock(&lane->sentinel_mu);
     while (!lane->stop_sentinel) {
+        if (__atomic_load_n(&lane->sentinel_asleep, __ATOMIC_SEQ_CST)) {
+            pthread_cond_wait(&lane->stop_cond, &lane->sentinel_mu);
+            continue;
+        }
         struct timespec at;
         clock_gettime(CLOCK_MONOTONIC, &at);
         at.tv_nsec += SENTINEL_PERIOD_NS;
@@ -313,11 +349,22 @@ static void *sentinel_main(void *arg)
         pthread_cond_timedwait(&lane->stop_cond, &lane->sentinel_mu, &at);
         /* a guard is read without mu (atomics) */
         int64_t now = now_ns();
+        int writing = 0;
         for (int i = 0; i < 2; i++) {
             int64_t since = __atomic_load_n(&lane->guards[i].since, __ATOMIC_ACQUIRE);
+            writing |= since != 0;
             if (since != 0 && now - since > RESCUE_AFTER_NS)
                 pthread_kill(__atomic_load_n(&lane->guards[i].thread, __ATOMIC_RELAXED),
                              RESCUE_SIGNAL);
+        }
+        uint64_t guarded = __atomic_load_n(&lane->guarded, __ATOMIC_SEQ_CST);
+        quiet = guarded == seen && !writing ? quiet + 1 : 0;
+        seen = guarded;
+        if (quiet >= SENTINEL_QUIET_PERIODS) {
+            quiet = 0;
+            __atomic_store_n(&lane->sentinel_asleep, 1, __ATOMIC_SEQ_CST);
+            if (__atomic_load_n(&lane->guarded, __ATOMIC_SEQ_CST) != seen)
+                __atomic_store_n(&lane->sentinel_asleep, 0, __ATOMIC_SEQ_CST);
         }
     }
     pthread_mutex_unlock(&lane->sentinel_mu);
@@ -337,16 +384,17 @@ static inline int64_t clamp(wide v)
 static int fast_trigger(Lane *lane, FastPath *f, int64_t count, int64_t now)
 {
     wide deadline = (wide)now + f->eoi_timeout;
-    if (f->state != ST_ARMED || (wide)f->loop_timer_at > deadline || deadline > INT64_MAX
-        || deadline < INT64_MIN)
+    if ((f->state != ST_ARMED && !f->adopting) || (wide)f->loop_timer_at > deadline
+        || deadline > INT64_MAX || deadline < INT64_MIN)
         return DECLINED;
     f->dirty = 1;
+    f->adopting = 0;
     f->counters[C_INTERRUPTS] += (uint64_t)count;
     f->counters[C_COALESCED] += (uint64_t)count - 1;
     f->state = ST_PENDING;
     f->pending_since = now;
     f->timer_at = (int64_t)deadline;
-    int failed = guarded_write(&lane->guards[0], f->irq_fd, 1, lane->clock, 1);
+    int failed = guarded_write(lane, &lane->guards[0], f->irq_fd, 1, lane->clock, 1);
     lane_tick(lane);
     if (!failed) {
         f->counters[C_FORWARDS]++;
@@ -365,7 +413,7 @@ static int fast_eoi(Lane *lane, FastPath *f, int64_t count, int64_t now)
         f->counters[C_SPURIOUS] += (uint64_t)count;
         return HANDLED;
     }
-    if (f->state != ST_PENDING)
+    if (f->state != ST_PENDING || f->adopting) /* adopting: the runner reads trigger first */
         return DECLINED;
     /* Channel._take_token: GCRA. Decided before anything changes, so that a throttled
      * EOI reaches the channel exactly as if the fast path did not exist. */
@@ -386,7 +434,7 @@ static int fast_eoi(Lane *lane, FastPath *f, int64_t count, int64_t now)
     f->timer_at = NO_TIME;
     int failed = f->unmask_fd < 0 ? 1
         : f->unmask_request ? dev_ioctl(f->unmask_fd, f->unmask_request, f->unmask_arg) < 0
-        : guarded_write(&lane->guards[0], f->unmask_fd, 1, lane->clock, 0) < 0;
+        : guarded_write(lane, &lane->guards[0], f->unmask_fd, 1, lane->clock, 0) < 0;
     lane_tick(lane);
     if (failed) { /* the runner unmasks through the device, which explains any error */
         if (f->unmask_fd >= 0)
@@ -620,11 +668,12 @@ static PyStructSequence_Field released_fields[] = {
     {"owes_unmask", "whether the runner owes an unmask (the lane could not issue it)"},
     {"carried", "a count the lane read and did not act on (the runner's to handle), or 0"},
     {"carried_eoi", "whether ``carried`` came from eoi (else from trigger)"},
+    {"adopting", "whether the line is still taken over with its state unknown"},
     {NULL, NULL},
 };
 static PyStructSequence_Desc released_desc = {
     "eoid._fastpath.Released", "The state the lane gives back (FastPath.reclaim).",
-    released_fields, 9};
+    released_fields, 10};
 
 static PyStructSequence_Field counts_fields[] = {
     {"interrupts", NULL}, {"coalesced", NULL}, {"eois", NULL}, {"forwards", NULL},
@@ -678,12 +727,13 @@ static PyObject *fp_set_policy(FastPath *self, PyObject *args)
 static PyObject *fp_lend(FastPath *self, PyObject *args)
 {
     long long state, pending_since, timer_at, tat, backoff, loop_timer_at;
-    if (!PyArg_ParseTuple(args, "LLLLLL:lend", &state, &pending_since, &timer_at, &tat,
-                          &backoff, &loop_timer_at))
+    int adopting = 0;
+    if (!PyArg_ParseTuple(args, "LLLLLL|p:lend", &state, &pending_since, &timer_at, &tat,
+                          &backoff, &loop_timer_at, &adopting))
         return NULL;
-    if (state != ST_ARMED && state != ST_PENDING) {
-        PyErr_Format(PyExc_ValueError, "the fast path runs ARMED and PENDING only, not %lld",
-                     state);
+    if ((state != ST_ARMED && state != ST_PENDING) || (adopting && state != ST_PENDING)) {
+        PyErr_Format(PyExc_ValueError, "the fast path runs ARMED and PENDING (and PENDING"
+                     " adopting) only, not %lld%s", state, adopting ? " adopting" : "");
         return NULL;
     }
     Lane *lane = self->lane;
@@ -701,6 +751,7 @@ static PyObject *fp_lend(FastPath *self, PyObject *args)
         return NULL;
     }
     self->state = (int)state;
+    self->adopting = adopting;
     self->pending_since = pending_since;
     self->timer_at = timer_at;
     self->tat = tat;
@@ -774,7 +825,7 @@ static PyObject *fp_reclaim(FastPath *self, PyObject *Py_UNUSED(ignored))
                     self->backoff, self->owed_unmask};
     int owes_unmask = self->owes_unmask;
     uint64_t carried = self->carried;
-    int carried_eoi = self->carried_eoi;
+    int carried_eoi = self->carried_eoi, adopting = self->adopting;
     int wake = lane->rebuild;
     pthread_mutex_unlock(&lane->mu);
     if (wake) /* a registration could not be removed: the lane's thread rebuilds its set */
@@ -792,7 +843,8 @@ static PyObject *fp_reclaim(FastPath *self, PyObject *Py_UNUSED(ignored))
     }
     if (set_field(record, 6, PyBool_FromLong(owes_unmask)) < 0
         || set_field(record, 7, PyLong_FromUnsignedLongLong(carried)) < 0
-        || set_field(record, 8, PyBool_FromLong(carried_eoi)) < 0) {
+        || set_field(record, 8, PyBool_FromLong(carried_eoi)) < 0
+        || set_field(record, 9, PyBool_FromLong(adopting)) < 0) {
         Py_DECREF(record);
         return NULL;
     }
@@ -960,8 +1012,8 @@ static PyMethodDef fp_methods[] = {
      " what the lane needs of the policy (Channel.fast_policy), sent once and on reload,"
      " while the state is not lent."},
     {"lend", (PyCFunction)fp_lend, METH_VARARGS,
-     "lend(state, pending_since, timer_at, tat, backoff, loop_timer_at): the lane owns the"
-     " state and reads the eventfds from now on."},
+     "lend(state, pending_since, timer_at, tat, backoff, loop_timer_at, adopting=False): the lane"
+     " owns the state and reads the eventfds from now on."},
     {"keep", (PyCFunction)fp_keep, METH_VARARGS,
      "keep(now, cover): a loop timer fired; if nothing is due, the lane keeps the state and"
      " the time of the next loop timer is returned (the earlier of cover and the EOI"
@@ -1181,7 +1233,7 @@ static PyObject *lane_signal(Lane *self, PyObject *arg)
     }
     if (!self->initialised || self->closing)
         return lane_closed_error();
-    if (guarded_write(&self->guards[1], (int)fd, 1, now_ns(), 1) < 0)
+    if (guarded_write(self, &self->guards[1], (int)fd, 1, now_ns(), 1) < 0)
         return PyErr_SetFromErrno(PyExc_OSError);
     Py_RETURN_NONE;
 }

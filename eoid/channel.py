@@ -11,11 +11,12 @@ a bit set of actions. Allocation-free on the common path, because it runs per in
 
 This module is the one place the rules are written. eoid/_fastpath.c repeats three of
 them, for a line the runner lent it (``lend``: ARMED or PENDING, a consumer attached, not
-adopting, not stuck, no storm episode), and declines everything else back to here:
-``trigger`` from ARMED (``fast_trigger``: forward, PENDING, the EOI deadline; declined when
-no loop timer covers that deadline), ``eoi`` from PENDING with a token to spare
-(``fast_eoi``: the GCRA of ``_take_token``, unmask, ARMED), and a spurious ``eoi`` while
-ARMED without ``unmask_on_spurious`` (counted only). Its ``ST_ARMED``/``ST_PENDING`` are
+stuck, no storm episode), and declines everything else back to here: ``trigger`` from
+ARMED, or from PENDING while ``adopting`` (``fast_trigger``: forward, PENDING, the EOI
+deadline, no longer adopting; declined when no loop timer covers that deadline), ``eoi``
+from PENDING, not adopting, with a token to spare (``fast_eoi``: the GCRA of
+``_take_token``, unmask, ARMED), and a spurious ``eoi`` while ARMED without
+``unmask_on_spurious`` (counted only). Its ``ST_ARMED``/``ST_PENDING`` are
 ``State``'s values, and tests/unit/test_fastpath.py checks both: the constants, and the
 rules against this module in a differential test with time passing.
 """
@@ -274,17 +275,20 @@ class Channel:
 
     # --- the fast path ---------------------------------------------------------------------
 
-    def lend(self) -> tuple[int, int, int | None, int, int] | None:
+    def lend(self) -> tuple[int, int, int | None, int, int, bool] | None:
         """The state ``eoid._fastpath`` needs to run the common transitions itself (a
-        trigger when ARMED, an EOI with a token to spare when PENDING, a spurious EOI):
-        (state, pending_since, timer_at, tat, backoff), as ``FastPath.lend`` takes it; None
-        where the rules are less simple: not ARMED or PENDING, no consumer, adopting,
-        stuck, or in a storm episode. ``reclaim`` takes it back."""
+        trigger when ARMED or adopting, an EOI with a token to spare when PENDING, a
+        spurious EOI): (state, pending_since, timer_at, tat, backoff, adopting), as
+        ``FastPath.lend`` takes it; None where the rules are less simple: not ARMED or
+        PENDING, no consumer, stuck, or in a storm episode. ``reclaim`` takes it back.
+        Adopting is lent because a line back from the kernel's path (an observation
+        window) is adopting until its first interrupt: the lane takes that one too."""
         state = self.state
         if (state is not _ARMED and state is not _PENDING) or not self.attached \
-                or self.adopting or self.stuck or self._episode:
+                or self.stuck or self._episode:
             return None
-        return (state, self.pending_since, self.timer_at, self._tat, self._backoff)
+        return (state, self.pending_since, self.timer_at, self._tat, self._backoff,
+                self.adopting)
 
     def fast_policy(self) -> tuple[int, int, int, int, int, bool]:
         """What the fast path needs of the policy, as ``FastPath.set_policy`` takes it
@@ -293,8 +297,9 @@ class Channel:
                 self._backoff_initial, self.policy.unmask_on_spurious)
 
     def reclaim(self, state: int, pending_since: int, timer_at: int | None, tat: int,
-                backoff: int) -> None:
+                backoff: int, *, adopting: bool) -> None:
         """The state as the fast path left it (it counted into its own arrays)."""
+        self.adopting = adopting
         self.state = State(state)
         self.pending_since = pending_since
         self.timer_at = timer_at

@@ -380,7 +380,7 @@ class DeviceRunner:
         timer_at = released.timer_at
         self.channel.reclaim(released.state, released.pending_since,
                                None if timer_at == NO_TIME else timer_at, released.tat,
-                               released.backoff)
+                               released.backoff, adopting=released.adopting)
         self._note_lane_errors()
         if self.device is None:
             return
@@ -402,13 +402,14 @@ class DeviceRunner:
         lent = self.channel.lend()
         if lent is None:
             return
-        state, pending_since, timer_at, tat, backoff = lent
+        state, pending_since, timer_at, tat, backoff, adopting = lent
         try:
             if not self._policy_sent:
                 fast.set_policy(*self.channel.fast_policy())
                 self._policy_sent = True
             fast.lend(state, pending_since, NO_TIME if timer_at is None else timer_at, tat,
-                      backoff, self._timer_at if self._timer is not None else NO_TIME)
+                      backoff, self._timer_at if self._timer is not None else NO_TIME,
+                      adopting)
         except OverflowError as e:  # values beyond int64 (a policy of centuries)
             if not self._lend_refused:  # logged once, until a lend works again
                 self._lend_refused = True

@@ -19,7 +19,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 import eoid.runner
 from eoid._fastpath import NO_TIME, FastPath, Lane
 from eoid.channel import State
-from eoid.config import DeviceConfig
+from eoid.config import Datapath, DeviceConfig
 from eoid.control import Peer
 from eoid.device import DeviceEvent, DeviceInfo, drain_eventfd
 from eoid.runner import EFD_FLAGS, DeviceRunner
@@ -50,9 +50,9 @@ class Harness:
 
     def take(self, state: State = State.ARMED, *, tat: int = 0, interval: int = 1,
              limit: int = 10**12, loop_timer_at: int = 0, timer_at: int = NO_TIME,
-             spurious_unmasks: bool = False) -> None:
+             spurious_unmasks: bool = False, adopting: bool = False) -> None:
         self.fp.set_policy(2 * S, interval, limit, limit // 2, 3, spurious_unmasks)
-        self.fp.lend(state, 5, timer_at, tat, 7, loop_timer_at)
+        self.fp.lend(state, 5, timer_at, tat, 7, loop_timer_at, adopting)
 
     def fire(self, n: int = 1) -> None:
         os.eventfd_write(self.trigger, n)
@@ -133,7 +133,7 @@ def test_what_the_lane_declines_it_hands_back_unread(h: Harness) -> None:
     assert drain_eventfd(h.trigger) == 1  # handed back: the lane reads no more
     assert h.returned == 1
     # what it read is the runner's to handle
-    assert h.fp.reclaim() == (State.ARMED, 5, NO_TIME, 0, 7, 0, False, 1, False)
+    assert h.fp.reclaim() == (State.ARMED, 5, NO_TIME, 0, 7, 0, False, 1, False, False)
 
 
 def test_a_trigger_while_pending_is_declined(h: Harness) -> None:
@@ -142,6 +142,27 @@ def test_a_trigger_while_pending_is_declined(h: Harness) -> None:
     released = h.fp.reclaim()
     assert released is not None
     assert (h.returned, released.carried, released.carried_eoi) == (1, 1, False)
+
+
+def test_an_adopted_line_s_trigger_is_forwarded_its_eoi_declined(h: Harness) -> None:
+    """Taken over with its state unknown (back from the kernel's path, or after a restart:
+    ``Channel.adopt``), the line is PENDING and adopting: a trigger means it was armed,
+    and the lane forwards it as from ARMED; an EOI alone is the channel's (the runner
+    reads the trigger first), so the lane declines it."""
+    h.take(State.PENDING, adopting=True, timer_at=2 * S)
+    h.fire()
+    assert (h.returned, drain_eventfd(h.irq)) == (0, 1)
+    released = h.fp.reclaim()
+    assert released is not None and released.state == State.PENDING
+    assert not released.adopting and released.timer_at == released.pending_since + 2 * S
+    h.take(State.PENDING, adopting=True, timer_at=2 * S)
+    h.end()
+    released = h.fp.reclaim()
+    assert released is not None
+    assert (h.returned, released.carried, released.carried_eoi) == (1, 1, True)
+    assert released.adopting and drain_eventfd(h.unmask) == 0
+    with pytest.raises(ValueError, match="adopting"):
+        h.take(State.ARMED, adopting=True)  # the channel is PENDING while adopting
 
 
 def test_a_spurious_eoi_is_counted_or_declined_as_the_policy_says(h: Harness) -> None:
@@ -163,7 +184,7 @@ def test_a_throttled_eoi_is_declined_untouched(h: Harness) -> None:
     h.take(State.PENDING, tat=now, interval=S, limit=S)
     h.end(2)
     assert h.returned == 1
-    assert h.fp.reclaim() == (State.PENDING, 5, NO_TIME, now, 7, 0, False, 2, True)
+    assert h.fp.reclaim() == (State.PENDING, 5, NO_TIME, now, 7, 0, False, 2, True, False)
     assert h.fp.counts() is None
     assert drain_eventfd(h.unmask) == 0
 
@@ -294,6 +315,7 @@ class FakeLine:
         self.unmask_fd = efd()
         self.raw_unmask = raw_unmask
         self.line = EventfdLine(-1)
+        self.virqfd = -1  # on the kernel's path: the consumer's eoi, bound as the unmask
 
     @property
     def info(self) -> DeviceInfo:
@@ -303,8 +325,10 @@ class FakeLine:
         self.line.trigger_fd = trigger_fd
 
     def route(self, trigger_fd: int, unmask_fd: int | None) -> None:
-        assert unmask_fd is None, "the fast-path tests keep the line on the relay"
+        """The kernel's path as VFIO makes it (synchronously): the trigger swapped, the
+        consumer's EOI eventfd bound as the unmask (``process_unmasks`` reads it)."""
         self.line.trigger_fd = trigger_fd
+        self.virqfd = -1 if unmask_fd is None else unmask_fd
 
     def kernel_interrupts(self) -> None:
         return None
@@ -351,8 +375,9 @@ class FakeLine:
         self.line.level = max(0, self.line.level - 1)
 
     def process_unmasks(self) -> None:
-        """The kernel acts on the unmasks written since the last call (one is enough)."""
-        if drain_eventfd(self.unmask_fd):
+        """The kernel acts on the unmasks written since the last call (one is enough),
+        and on the kernel's path on the EOIs the consumer wrote (its virqfd)."""
+        if drain_eventfd(self.unmask_fd) | (self.virqfd >= 0 and drain_eventfd(self.virqfd)):
             self.line.unmask()
 
 
@@ -510,6 +535,15 @@ class FastVersusPython(RuleBasedStateMachine):
         self.events_ready()
         self.kernel_unmasks()
 
+    @rule(kernel=st.booleans())
+    def datapath_switches(self, kernel: bool) -> None:
+        """``eoid datapath``: to the kernel's path (with a consumer attached) or back to
+        the relay, which takes the line over with its state unknown (adopting), as an
+        observation window opens."""
+        self.events_ready()
+        for side in self.sides:
+            side.runner.set_datapath(Datapath.KERNEL if kernel else None)
+
     @rule()
     def timer_fires(self) -> None:
         for side in self.sides:
@@ -563,6 +597,31 @@ def test_the_fast_path_runs_the_common_case() -> None:
         assert fast.stats.forwards == 5  # ... and it forwarded all but the first: that one
         assert fast.interrupts == fast.stats.interrupts == 5
         assert fast.channel.stats.forwards == 1  # found no loop timer for its deadline yet
+        machine.both_sides_agree()
+    finally:
+        machine.teardown()
+
+
+def test_the_lane_takes_the_first_interrupt_back_from_the_kernel_s_path() -> None:
+    """Back on the relay (an observation window opens), the line is adopting: lent all
+    the same, so its first interrupt is the lane's, not the event loop's (issue 12: that
+    one interrupt was most of a window's cost to the loop)."""
+    machine = FastVersusPython()
+    try:
+        machine.start(raw_unmask=True, burst=1000)
+        machine.consumer_attaches()
+        machine.round_trip()
+        fast = machine.sides[0].runner
+        machine.datapath_switches(kernel=True)
+        machine.round_trip()  # the kernel's path: nobody in eoid sees it
+        assert fast.state == State.KERNEL and fast.interrupts == 1
+        machine.datapath_switches(kernel=False)
+        assert fast.channel.adopting and fast._fast is not None and fast._fast.lent
+        assert not fast._watching  # the event loop does not read the line
+        forwarded_by_the_loop = fast.channel.stats.forwards
+        machine.round_trip()
+        assert fast.interrupts == 2 and fast.channel.stats.forwards == forwarded_by_the_loop
+        assert fast._fast.lent and fast._fast.state == State.ARMED  # EOI and unmask too
         machine.both_sides_agree()
     finally:
         machine.teardown()

@@ -27,7 +27,7 @@ from eoid.control import Peer
 from eoid.device import drain_eventfd
 from eoid.runner import DeviceRunner
 from eoid.stats import BUCKETS_NS
-from tests.unit.test_fastpath import FakeLine, Harness, efd
+from tests.unit.test_fastpath import FakeLine, Harness, efd, readable
 
 INT64_MAX = (1 << 63) - 1
 FULL = 0xFFFFFFFFFFFFFFFE  # an eventfd count one more write would have to wait for
@@ -348,6 +348,35 @@ def test_the_lane_threads_block_the_signals_python_handles() -> None:
         for signum in (2, 1, 15, 10, 17):  # SIGINT, SIGHUP, SIGTERM, SIGUSR1, SIGCHLD
             assert all(mask >> (signum - 1) & 1 for mask in blocked.values()), signum
         assert not blocked["eoid-lane"] >> (_fastpath.RESCUE_SIGNAL - 1) & 1
+    finally:
+        h.close()
+
+
+def voluntary_switches(thread_name: str) -> int:
+    """A thread of this process's voluntary context switches: its wake-ups."""
+    for task in Path("/proc/self/task").iterdir():
+        if (task / "comm").read_text().strip() == thread_name:
+            status = (task / "status").read_text()
+            return int(next(line.split()[1] for line in status.splitlines()
+                            if line.startswith("voluntary_ctxt_switches:")))
+    raise LookupError(thread_name)
+
+
+def test_the_sentinel_sleeps_while_nothing_is_written_and_wakes_for_a_write() -> None:
+    """An idle eoid (or one with every device on the kernel's path) does not wake 40 times
+    a second: after a quiet second the sentinel sleeps until a guarded write begins."""
+    h = Harness(threaded=True)
+    try:
+        h.take()
+        time.sleep(1.5)  # a quiet second, and then some
+        before = voluntary_switches("eoid-sentinel")
+        time.sleep(0.5)
+        assert voluntary_switches("eoid-sentinel") - before <= 1  # asleep (20 if not)
+        os.eventfd_write(h.trigger, 1)  # the lane forwards it: a guarded write
+        assert readable(h.irq)
+        before = voluntary_switches("eoid-sentinel")
+        time.sleep(0.3)
+        assert voluntary_switches("eoid-sentinel") - before >= 5  # watching again
     finally:
         h.close()
 

@@ -197,12 +197,17 @@ def test_a_failed_forward_is_redelivered_counted_and_logged(rig: Rig) -> None:
     assert rig.runner.stats.eoi_timeouts == 1
 
 
-def test_a_forward_that_waits_after_its_poll_is_rescued_by_the_sentinel(rig: Rig) -> None:
+@pytest.mark.parametrize("quiet_first", [False, True])
+def test_a_forward_that_waits_after_its_poll_is_rescued_by_the_sentinel(
+        rig: Rig, quiet_first: bool) -> None:
     """The race guarded_write cannot close: a consumer that cleared O_NONBLOCK fills its
     irq count between the lane's poll() and its write(). The write waits, under the
     device's mutex; the lane's sentinel interrupts it (RESCUE_SIGNAL) after RESCUE_AFTER_NS
     (50 ms), the forward fails with EINTR, is counted and logged, and the device is served
-    again once its consumer reads its count."""
+    again once its consumer reads its count. ``quiet_first``: after a quiet second and a
+    half the sentinel sleeps, and the write wakes it."""
+    if quiet_first:
+        time.sleep(1.5)
     blocking(rig.irq)
     os.eventfd_write(rig.irq, FULL)
     with capture_logs() as logs:
