@@ -13,12 +13,12 @@
  * trigger means the line was armed, as from ARMED; its EOI is declined). It counts
  * what it does in the FastPath's own arrays (``counts``, a named Counts record).
  *
- * Anything else -- a trigger while not ARMED, a spurious EOI the policy unmasks for, a
- * throttled EOI, no loop timer covering the EOI deadline, a value past the int64 range --
- * the lane does not act on: it keeps the count it read for the runner (Released.carried),
- * takes the fds out of its epoll set and hands the device back (``notify_fd`` becomes
- * readable; ``dispatch`` calls the FastPath's ``returned`` callback on the event loop). The
- * runner reclaims the state, hands the count to the channel and watches the fds again. An
+ * Anything else -- a trigger while neither ARMED nor adopting, an adopted line's EOI, a
+ * spurious EOI the policy unmasks for, a throttled EOI, no loop timer covering the EOI
+ * deadline, a value past the int64 range -- the lane does not act on: it keeps the count
+ * it read for the runner (Released.carried), takes the fds out of its epoll set and hands
+ * the device back (``notify_fd`` becomes readable; ``dispatch`` calls the FastPath's
+ * ``returned`` callback on the event loop). The runner reclaims the state, hands the count to the channel and watches the fds again. An
  * EOI it acted on whose unmask it could not issue, and a forward that failed, are handed
  * back the same way (the runner unmasks, and logs what failed: the lane cannot).
  *
@@ -1012,8 +1012,8 @@ static PyMethodDef fp_methods[] = {
      " what the lane needs of the policy (Channel.fast_policy), sent once and on reload,"
      " while the state is not lent."},
     {"lend", (PyCFunction)fp_lend, METH_VARARGS,
-     "lend(state, pending_since, timer_at, tat, backoff, loop_timer_at, adopting=False): the lane"
-     " owns the state and reads the eventfds from now on."},
+     "lend(state, pending_since, timer_at, tat, backoff, loop_timer_at, adopting=False):"
+     " the lane owns the state and reads the eventfds from now on."},
     {"keep", (PyCFunction)fp_keep, METH_VARARGS,
      "keep(now, cover): a loop timer fired; if nothing is due, the lane keeps the state and"
      " the time of the next loop timer is returned (the earlier of cover and the EOI"
