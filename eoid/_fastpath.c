@@ -15,12 +15,13 @@
  *
  * Anything else -- a trigger while neither ARMED nor adopting, an adopted line's EOI, a
  * spurious EOI the policy unmasks for, a throttled EOI, no loop timer covering the EOI
- * deadline, a value past the int64 range -- the lane does not act on: it keeps the count
- * it read for the runner (Released.carried), takes the fds out of its epoll set and hands
- * the device back (``notify_fd`` becomes readable; ``dispatch`` calls the FastPath's
- * ``returned`` callback on the event loop). The runner reclaims the state, hands the count to the channel and watches the fds again. An
- * EOI it acted on whose unmask it could not issue, and a forward that failed, are handed
- * back the same way (the runner unmasks, and logs what failed: the lane cannot).
+ * deadline, a value past the int64 range -- the lane does not act on: it keeps the count it
+ * read for the runner (Released.carried), takes the fds out of its epoll set and hands the
+ * device back (``notify_fd`` becomes readable; ``dispatch`` calls the FastPath's
+ * ``returned`` callback on the event loop). The runner reclaims the state, hands the count
+ * to the channel and watches the fds again. An EOI it acted on whose unmask it could not
+ * issue, and a forward that failed, are handed back the same way (the runner unmasks, and
+ * logs what failed: the lane cannot).
  *
  * So at any time exactly one side reads a device's eventfds and owns its state, and the
  * hand-over happens under the lane's one mutex, under which no syscall may block (reads
