@@ -112,7 +112,7 @@ class SimStandIn:
         """Copies of line ``name``'s trigger and unmask eventfds, for the caller to close.
         Copies, taken under the lock: a ``route`` closes the stand-in's own fd and keeps
         the new one it was sent, and a number read from ``lines`` without the lock may
-        by then be another fd (the 30-minute soak of 93379a5 fired another device)."""
+        by then name another file (the 30-minute soak of 93379a5 wrote to one such)."""
         with self._lock:
             line = self.lines[name]
             return os.dup(line.trigger), os.dup(line.unmask)
