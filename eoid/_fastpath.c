@@ -247,6 +247,20 @@ static int nb_read(int fd, uint64_t *count)
     return -1;
 }
 
+/* A guarded write begins: count it, and wake the sentinel if it sleeps. Only the first
+ * write after a quiet second pays for that (a mutex and a futex wake); the others pay
+ * one atomic add. */
+static void wake_sentinel(Lane *lane)
+{
+    __atomic_add_fetch(&lane->guarded, 1, __ATOMIC_SEQ_CST);
+    if (!__atomic_load_n(&lane->sentinel_asleep, __ATOMIC_SEQ_CST))
+        return;
+    pthread_mutex_lock(&lane->sentinel_mu);
+    __atomic_store_n(&lane->sentinel_asleep, 0, __ATOMIC_SEQ_CST);
+    pthread_cond_signal(&lane->stop_cond);
+    pthread_mutex_unlock(&lane->sentinel_mu);
+}
+
 /* Add to an eventfd another process also holds, without hanging on it: an eventfd write
  * waits while the count would pass 2**64 - 2 unless the file has O_NONBLOCK, and a consumer
  * shares irq's file (a dup()) and may clear that flag and fill the count. There is no
@@ -265,8 +279,6 @@ static int nb_read(int fd, uint64_t *count)
  * shared with the backend that plays the kernel only, never with a consumer: no check,
  * as the runner's own unmask (SimDevice.unmask) writes it without one; still guarded.
  * Returns 0, or -1 with errno. */
-static void wake_sentinel(Lane *lane);
-
 static int guarded_write(Lane *lane, Guard *guard, int fd, uint64_t value, int64_t start,
                          int shared)
 {
@@ -285,15 +297,12 @@ static int guarded_write(Lane *lane, Guard *guard, int fd, uint64_t value, int64
             return -1;
         }
     }
-    if (guard != NULL) {
-        __atomic_store_n(&guard->thread, pthread_self(), __ATOMIC_RELAXED); /* read by the
+    __atomic_store_n(&guard->thread, pthread_self(), __ATOMIC_RELAXED); /* read by the
                                                     sentinel, which does not hold mu */
-        __atomic_store_n(&guard->since, start, __ATOMIC_RELEASE);
-        wake_sentinel(lane);
-    }
+    __atomic_store_n(&guard->since, start, __ATOMIC_RELEASE);
+    wake_sentinel(lane);
     ssize_t n = write(fd, &value, sizeof value);
-    if (guard != NULL)
-        __atomic_store_n(&guard->since, 0, __ATOMIC_RELEASE);
+    __atomic_store_n(&guard->since, 0, __ATOMIC_RELEASE);
     return n == sizeof value ? 0 : -1;
 }
 
@@ -306,20 +315,6 @@ static inline int add_to_eventfd(int fd, uint64_t value)
 static void on_rescue(int sig)
 {
     (void)sig; /* only there to interrupt a write (EINTR) */
-}
-
-/* A guarded write begins: count it, and wake the sentinel if it sleeps. Only the first
- * write after a quiet second pays for that (a mutex and a futex wake); the others pay
- * one atomic add. */
-static void wake_sentinel(Lane *lane)
-{
-    __atomic_add_fetch(&lane->guarded, 1, __ATOMIC_SEQ_CST);
-    if (!__atomic_load_n(&lane->sentinel_asleep, __ATOMIC_SEQ_CST))
-        return;
-    pthread_mutex_lock(&lane->sentinel_mu);
-    __atomic_store_n(&lane->sentinel_asleep, 0, __ATOMIC_SEQ_CST);
-    pthread_cond_signal(&lane->stop_cond);
-    pthread_mutex_unlock(&lane->sentinel_mu);
 }
 
 /* Every SENTINEL_PERIOD_NS, interrupt a guarded write older than RESCUE_AFTER_NS. After
