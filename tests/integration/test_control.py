@@ -32,7 +32,6 @@ NOBODY = 65534
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to connect as other users")
 
 
-
 def write_config(root: Path, devices: int = 2, control: str = "", device: str = "") -> Config:
     (root / "devices.d").mkdir(exist_ok=True)
     (root / "eoid.yaml").write_text(

@@ -33,7 +33,6 @@ def pci(n: int) -> str:
     return f"0000:{1 + n // 32:02x}:{n % 32:02x}.0"
 
 
-
 def write_config(root: Path, devices: int, device: str = "", control: str = "") -> Config:
     (root / "devices.d").mkdir(exist_ok=True)
     (root / "eoid.yaml").write_text(
