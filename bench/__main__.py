@@ -32,6 +32,7 @@ from typing import Any
 
 from bench.run_baseline import ensure_nofile, placement_cpus, run_baseline
 from bench.run_eoid import idle_cpu_percent, measure, running
+from eoid.config import parse_duration
 
 # The most any one process of a run holds per device: 4. eoid holds its three eventfds and
 # the sim unmask eventfd (one sim connection for all); this process the sim stand-in's
@@ -105,20 +106,25 @@ def datapath_matrix(quick: bool, observe: list[tuple[str, str]]) -> list[list[Pa
 def run_datapaths(quick: bool, duration: float, observe: list[tuple[str, str]],
                   progress: bool) -> list[dict[str, Any]]:
     """Each group's runs, one daemon after the other on the same pinned CPU as the pump.
-    CPU is eoid's whole process (every thread, schedstat), over the pump's run."""
+    CPU is eoid's whole process (every thread, schedstat), over the pump's run, compared
+    an interrupt (a sampled run lasts a whole period, so it may be longer)."""
     relay_cpu, pump_cpu = placement_cpus("same")
     rows: list[dict[str, Any]] = []
     for group in datapath_matrix(quick, observe):
         ensure_nofile(FDS_PER_DEVICE * group[0].devices + 256)
         c = run_baseline(group[0].devices, "paced", duration, group[0].rate)
-        relay_ns = kernel_ns = None
+        relay_ns = kernel_ns = None  # eoid's CPU an interrupt in those two runs
         for r in group:
+            # a sampled run lasts a period at least: every device's window, once
+            seconds = max(duration, parse_duration(r.observe[0]) * 1e-9) if r.observe \
+                else duration
             with running(r.devices, "uvloop", relay_cpu, r.datapath, r.observe) as daemon:
-                e = measure(daemon, "paced", duration, r.rate, pump_cpu)
+                e = measure(daemon, "paced", seconds, r.rate, pump_cpu)
             total = e["interrupts"] + e["kernel_interrupts"]
             window = e["pump"]["duration"] + e["pump"]["drain_s"]
-            relay_ns = e["cpu_ns"] if r.datapath == "relay" else relay_ns
-            kernel_ns = e["cpu_ns"] if r.datapath == "kernel" and not r.observe else kernel_ns
+            per_irq = e["cpu_ns"] / total if total else 0.0
+            relay_ns = per_irq if r.datapath == "relay" else relay_ns
+            kernel_ns = per_irq if r.datapath == "kernel" and not r.observe else kernel_ns
             lane = sum(n for t, n in e["voluntary_switches_by_thread"].items() if "lane" in t)
             sentinel = sum(n for t, n in e["voluntary_switches_by_thread"].items()
                            if "sentinel" in t)
@@ -135,12 +141,13 @@ def run_datapaths(quick: bool, duration: float, observe: list[tuple[str, str]],
                 "sentinel_switches_per_s": round(sentinel / window, 1),
                 "other_switches": e["voluntary_switches"] - lane - sentinel,
                 "windows": e["observations"],
-                "cpu_percent_of_relay": round(e["cpu_ns"] / relay_ns * 100, 2)
+                "seconds": seconds,
+                "cpu_percent_of_relay": round(per_irq / relay_ns * 100, 2)
                 if relay_ns else None,
-                "cpu_us_per_window": round((e["cpu_ns"] - kernel_ns) / e["observations"] / 1e3, 1)
+                "cpu_us_per_window": round((per_irq - kernel_ns) * total / e["observations"]
+                                           / 1e3, 1)
                 if kernel_ns is not None and e["observations"] else None,
-                "window_cost_percent_of_relay": round((e["cpu_ns"] - kernel_ns) / relay_ns * 100,
-                                                      2)
+                "window_cost_percent_of_relay": round((per_irq - kernel_ns) / relay_ns * 100, 2)
                 if relay_ns and kernel_ns is not None and r.observe else None,
                 "sim_requests": e["sim_requests"],
                 # where a window's cost goes: the event loop's thread (switching, the sim's

@@ -53,10 +53,22 @@ EFD_FLAGS = os.EFD_NONBLOCK | os.EFD_CLOEXEC
 TIMER_SLACK = 0.001  # uvloop timers have millisecond resolution: never wake up early
 NO_TIME = (1 << 63) - 1  # _fastpath.NO_TIME: no timer
 SAMPLE_GRID = 1.0
-"""Seconds of loop time: sampled observation windows open on its ticks only. Devices whose
-windows fall due within one tick then open them (and, with the same ``for``, close them) in
-one wake-up of the loop, not one each: at 1024 devices a wake-up costs more than the switch
-(bench/RESULTS.md, "Kernel datapath"). Periods are at least 1 s (``config.Observe``)."""
+SAMPLE_SLOTS = 6
+"""Sampled observation windows open on the ticks of a grid of loop time only: a period has
+``SAMPLE_SLOTS`` ticks, at least ``SAMPLE_GRID`` seconds apart (``sample_opens``), and each
+device's windows fall on one of them, chosen at random. The windows of the devices on one
+tick then open (and, with the same ``for``, close) together: one wake-up of the loop, one
+batch of routes to a sim, and the lane and its sentinel busy a few seconds a period rather
+than all the time. Each costs more than the switches themselves at 1024 devices
+(bench/RESULTS.md, "Kernel datapath"); with six slots a tick switches a sixth of the
+devices, so no burst stalls the loop for long. Periods are at least 1 s (``config.Observe``)."""
+
+
+def sample_opens(due: float, every: int) -> float:
+    """The loop time a window due at ``due`` (loop time) opens: the next tick of the grid
+    of period ``every`` (ns)."""
+    grid = max(SAMPLE_GRID, every * 1e-9 / SAMPLE_SLOTS)
+    return math.ceil(due / grid) * grid
 
 if _fastpath is not None:
     _fastpath.set_buckets(BUCKETS_NS)
@@ -72,7 +84,9 @@ def _owning(method: Callable[Concatenate[DeviceRunner, P], R]
     again afterwards (if the line is then in a state the fast path may run); then the loop
     reads the eventfds if nobody else does (``_sync_readers``)."""
     def owning(self: DeviceRunner, /, *args: P.args, **kwargs: P.kwargs) -> R:
-        self._reclaim()
+        fast = self._fast
+        if fast is not None and fast.lent:
+            self._reclaim()
         try:
             return method(self, *args, **kwargs)
         finally:
@@ -660,7 +674,8 @@ class DeviceRunner:
         path = self._path()
         if path is not self.datapath:
             self._to_kernel() if path is Datapath.KERNEL else self._to_relay()
-        if self.wanted_datapath is Datapath.KERNEL and self.config.observe is not None:
+        if self._sample_timer is None and self.config.observe is not None \
+                and self.wanted_datapath is Datapath.KERNEL:
             self._start_sampling()
 
     def _to_kernel(self) -> None:
@@ -763,7 +778,7 @@ class DeviceRunner:
     def observe(self, duration: int, opened_at: float | None = None) -> None:
         """Relay the device for ``duration`` ns, then return it to the kernel's path (if it
         is wanted there): latencies and stuck EOIs are seen during the window.
-        ``opened_at``: the loop time a sampled window opened on (``SAMPLE_GRID``), so
+        ``opened_at``: the loop time a sampled window opened on (``sample_opens``), so
         that the windows opened together also close together."""
         now = monotonic_ns()
         if now + duration <= self._observing_until:
@@ -785,15 +800,15 @@ class DeviceRunner:
 
     def _start_sampling(self) -> None:
         """``observe: {every, for}``: one window a period, the first at a random phase
-        (devices configured together do not all switch at once), on ``SAMPLE_GRID``."""
+        (devices configured together do not all switch at once), on ``sample_opens``'s grid."""
         if self._sample_timer is None and self.config.observe is not None:
-            every = self.config.observe.every * 1e-9
-            self._schedule_sample(self.loop.time() + random.uniform(0, every))
+            every = self.config.observe.every
+            self._schedule_sample(self.loop.time() + random.uniform(0, every * 1e-9), every)
 
-    def _schedule_sample(self, due: float) -> None:
-        """The window due at loop time ``due`` opens at the next tick of ``SAMPLE_GRID``;
+    def _schedule_sample(self, due: float, every: int) -> None:
+        """The window due at loop time ``due`` opens at the next tick (``sample_opens``);
         the one after is due a period after ``due`` (so the mean period stays exact)."""
-        opens = math.ceil(due / SAMPLE_GRID) * SAMPLE_GRID
+        opens = sample_opens(due, every)
         self._sample_timer = self.loop.call_at(opens, self._sample, due, opens)
 
     def _sample(self, due: float, opened_at: float) -> None:
@@ -801,7 +816,7 @@ class DeviceRunner:
         self._sample_timer = None
         if observe is None or self.wanted_datapath is not Datapath.KERNEL:
             return
-        self._schedule_sample(due + observe.every * 1e-9)
+        self._schedule_sample(due + observe.every * 1e-9, observe.every)
         if self.device is not None and self.consumer is not None:
             self.observe(observe.window, opened_at)
 

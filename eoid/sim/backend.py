@@ -173,8 +173,7 @@ class SimConnection:
             raise DeviceError(name, op, "the sim process closed the connection")
         ident = next(self._ids)
         future: asyncio.Future[dict[str, Any]] = self.loop.create_future()
-        self._pending[ident] = (future, self.loop.time(), name, op)
-        future.add_done_callback(lambda _: self._pending.pop(ident, None))
+        self._pending[ident] = (future, self.loop.time(), name, op)  # until answered or expired
         if self._timer is None:
             self._timer = self.loop.call_later(REQUEST_TIMEOUT, self._expire)
         if not self._batch:
@@ -222,15 +221,18 @@ class SimConnection:
         self._timer = None
         self._readable(limit=None)
         now = self.loop.time()
-        for future, made, name, op in list(self._pending.values()):
+        for ident, (future, made, name, op) in list(self._pending.items()):
+            if future.done():  # cancelled by its maker: its answer is not awaited
+                del self._pending[ident]
+                continue
             # silent: nothing heard, nothing taken (a sim that takes requests is alive)
             deadline = max(made, self._heard, self._outbox.sent_at) + REQUEST_TIMEOUT
             if deadline > now:
                 self._timer = self.loop.call_at(deadline, self._expire)
                 return
-            if not future.done():
-                future.set_exception(SimRequestError(
-                    name, op, f"the sim process did not answer within {REQUEST_TIMEOUT}s"))
+            del self._pending[ident]
+            future.set_exception(SimRequestError(
+                name, op, f"the sim process did not answer within {REQUEST_TIMEOUT}s"))
 
     def shut(self) -> None:
         if self.sock is None:
@@ -279,9 +281,9 @@ class SimConnection:
 
     def _answer(self, reply: dict[str, Any]) -> None:
         ident = reply.get("id")
-        entry = self._pending.get(ident) if isinstance(ident, int) else None
+        entry = self._pending.pop(ident, None) if isinstance(ident, int) else None
         if entry is None or entry[0].done():
-            return  # the late answer to a request that timed out
+            return  # the late answer to a request that timed out, or was cancelled
         future, _, name, op = entry
         if reply.get("ok"):
             future.set_result(reply)

@@ -1,10 +1,12 @@
 """Sampled observation at scale (issue 12): windows open on a shared grid of loop time
-(``runner.SAMPLE_GRID``), so the windows of many devices open and close in a few wake-ups
-of the loop rather than one each. In-process daemon (``run_server``), real sim, sockets."""
+(``runner.sample_opens``: ``SAMPLE_SLOTS`` ticks a period, at least ``SAMPLE_GRID`` apart),
+so the windows of many devices open and close in a few wake-ups of the loop rather than one
+each. In-process daemon (``run_server``), real sim, sockets."""
 
 from __future__ import annotations
 
 import os
+import random
 import time
 from pathlib import Path
 
@@ -12,7 +14,7 @@ import pytest
 
 from eoid.config import Config
 from eoid.control import ControlClient
-from eoid.runner import SAMPLE_GRID, DeviceRunner
+from eoid.runner import SAMPLE_GRID, SAMPLE_SLOTS, DeviceRunner, sample_opens
 from eoid.testing import run_server
 from tests.integration.test_status import write_config
 
@@ -61,3 +63,23 @@ def test_sampled_windows_open_and_close_together_on_the_grid(config: Config) -> 
         assert 0.29 <= t - start < 0.35, (name, t - start)
         assert round(start / SAMPLE_GRID) in ticks
     assert all(path in ("kernel", "relay") for _, path in first)
+
+
+@pytest.mark.parametrize("every", [60, 3600, 7])
+def test_a_period_has_its_slots_and_each_device_keeps_its_own(every: int) -> None:
+    """Windows due anywhere in a period open on one of ``SAMPLE_SLOTS`` ticks, as soon as
+    one comes, and a device's next window (due a period later) on the same tick a period
+    later: a sixth of the devices switch together, never all of them."""
+    period = every * 10**9
+    grid = max(SAMPLE_GRID, every / SAMPLE_SLOTS)
+    rng = random.Random(every)
+    start = 1_000_000.123  # a loop time far from 0
+    slots = set()
+    for _ in range(2000):
+        due = start + rng.uniform(0, every)
+        opens = sample_opens(due, period)
+        assert due <= opens < due + grid + 1e-6
+        slots.add(round((opens - start) / grid) % round(every / grid))
+        for k in range(1, 4):  # the same tick, k periods on
+            assert sample_opens(due + k * every, period) == pytest.approx(opens + k * every)
+    assert len(slots) == min(SAMPLE_SLOTS, round(every / grid)), sorted(slots)
