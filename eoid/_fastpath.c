@@ -947,6 +947,19 @@ static PyObject *fp_get_interrupts(FastPath *self, void *Py_UNUSED(closure))
     return PyLong_FromUnsignedLongLong(interrupts);
 }
 
+static PyObject *fp_get_errors(FastPath *self, void *Py_UNUSED(closure))
+{
+    Lane *lane = self->lane;
+    if (lane != NULL)
+        lane_lock(lane);
+    uint64_t e[4] = {self->counters[C_FORWARD_ERRORS], self->counters[C_UNMASK_ERRORS],
+                     self->counters[C_READ_ERRORS], self->counters[C_EPOLL_ERRORS]};
+    if (lane != NULL)
+        pthread_mutex_unlock(&lane->mu);
+    return Py_BuildValue("(KKKK)", (unsigned long long)e[0], (unsigned long long)e[1],
+                         (unsigned long long)e[2], (unsigned long long)e[3]);
+}
+
 static PyObject *fp_get_lent(FastPath *self, void *Py_UNUSED(closure))
 {
     Lane *lane = self->lane;
@@ -1029,6 +1042,9 @@ static PyGetSetDef fp_getset[] = {
     {"state", (getter)fp_get_state, NULL, "the state while lent", NULL},
     {"interrupts", (getter)fp_get_interrupts, NULL, "interrupts counted here so far", NULL},
     {"lent", (getter)fp_get_lent, NULL, "whether the state is here", NULL},
+    {"errors", (getter)fp_get_errors, NULL,
+     "(forward, unmask, read, epoll) errors counted here so far: counts() without the"
+     " histograms, for each reclaim", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 

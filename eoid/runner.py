@@ -443,11 +443,11 @@ class DeviceRunner:
 
     def _note_lane_errors(self) -> None:
         """Log what the fast path failed at since last seen (it cannot log: no GIL)."""
-        counts = self._fast.counts() if self._fast is not None else None
-        if counts is None:
+        if self._fast is None:
             return
-        now = (counts.forward_errors, counts.unmask_errors, counts.read_errors,
-               counts.epoll_errors)
+        now = self._fast.errors
+        if now == self._lane_errors:
+            return
         for op, before, after in zip(("forward", "unmask", "read", "epoll"), self._lane_errors,
                                      now, strict=True):
             if after > before:
