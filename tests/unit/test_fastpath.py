@@ -225,6 +225,7 @@ def test_a_failed_forward_is_counted(h: Harness) -> None:
     counts = h.fp.counts()
     assert counts is not None
     assert (counts.forwards, counts.unmasks, counts.forward_errors) == (0, 0, 1)
+    assert h.fp.errors == (1, 0, 0, 0)  # what the runner reads on each reclaim
     assert h.fp.state == State.PENDING
     assert h.returned == 1  # handed back after acting: the runner logs the error
 
