@@ -116,8 +116,8 @@ def run_datapaths(quick: bool, duration: float, observe: list[tuple[str, str]],
         relay_ns = kernel_ns = None  # eoid's CPU an interrupt in those two runs
         for r in group:
             # a sampled run lasts a period at least: every device's window, once
-            seconds = max(duration, parse_duration(r.observe[0]) * 1e-9) if r.observe \
-                else duration
+            every = parse_duration(r.observe[0]) * 1e-9 if r.observe else 0.0
+            seconds = max(duration, every)
             with running(r.devices, "uvloop", relay_cpu, r.datapath, r.observe) as daemon:
                 e = measure(daemon, "paced", seconds, r.rate, pump_cpu)
             total = e["interrupts"] + e["kernel_interrupts"]
@@ -153,8 +153,8 @@ def run_datapaths(quick: bool, duration: float, observe: list[tuple[str, str]],
                 # that open in a run depend on how many ticks of the grid (README, "Two
                 # datapaths") fall within it, 7 or 6 in a 61 s run of a 60 s period
                 "percent_of_relay_per_period": round(
-                    (kernel_ns + (per_irq - kernel_ns) * r.devices * window
-                     / (parse_duration(r.observe[0]) * 1e-9) / e["observations"])
+                    (kernel_ns + (per_irq - kernel_ns) * r.devices * window / every
+                     / e["observations"])
                     / relay_ns * 100, 2)
                 if relay_ns and kernel_ns is not None and r.observe and e["observations"]
                 else None,

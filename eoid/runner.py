@@ -84,9 +84,7 @@ def _owning(method: Callable[Concatenate[DeviceRunner, P], R]
     again afterwards (if the line is then in a state the fast path may run); then the loop
     reads the eventfds if nobody else does (``_sync_readers``)."""
     def owning(self: DeviceRunner, /, *args: P.args, **kwargs: P.kwargs) -> R:
-        fast = self._fast
-        if fast is not None and fast.lent:
-            self._reclaim()
+        self._reclaim()
         try:
             return method(self, *args, **kwargs)
         finally:
@@ -674,9 +672,7 @@ class DeviceRunner:
         path = self._path()
         if path is not self.datapath:
             self._to_kernel() if path is Datapath.KERNEL else self._to_relay()
-        if self._sample_timer is None and self.config.observe is not None \
-                and self.wanted_datapath is Datapath.KERNEL:
-            self._start_sampling()
+        self._start_sampling()
 
     def _to_kernel(self) -> None:
         """Relay → kernel: the consumer's eoi eventfd becomes the line's unmask, then its
@@ -800,8 +796,10 @@ class DeviceRunner:
 
     def _start_sampling(self) -> None:
         """``observe: {every, for}``: one window a period, the first at a random phase
-        (devices configured together do not all switch at once), on ``sample_opens``'s grid."""
-        if self._sample_timer is None and self.config.observe is not None:
+        (devices configured together do not all switch at once), on ``sample_opens``'s grid.
+        Started while the device is wanted on the kernel's path and none is scheduled."""
+        if self._sample_timer is None and self.config.observe is not None \
+                and self.wanted_datapath is Datapath.KERNEL:
             every = self.config.observe.every
             self._schedule_sample(self.loop.time() + random.uniform(0, every * 1e-9), every)
 
